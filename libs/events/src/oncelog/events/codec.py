@@ -1,0 +1,100 @@
+"""Turning NATS messages into events (or precise rejections) and events into bytes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Final
+
+import msgspec
+
+from oncelog.events.schema import Event, IncomingEvent
+from oncelog.events.subjects import DEFAULT_PREFIX, topic_error, topic_from_subject
+
+__all__ = [
+    "DEFAULT_SOURCE",
+    "MAX_EVENT_BYTES",
+    "Decoded",
+    "Rejected",
+    "decode_message",
+    "encode_event",
+    "payload_error",
+    "utc",
+]
+
+DEFAULT_SOURCE: Final = "nats"
+MAX_EVENT_BYTES: Final = 1024 * 1024
+
+_incoming = msgspec.json.Decoder(IncomingEvent)
+_encoder = msgspec.json.Encoder()
+
+
+class Decoded(msgspec.Struct, frozen=True):
+    """A message that became a valid event; `payload` is its JSON object, still encoded."""
+
+    topic: str
+    event_id: str
+    timestamp: datetime
+    source: str
+    payload: bytes
+
+
+class Rejected(msgspec.Struct, frozen=True):
+    """A message that cannot become an event, with the reason in words."""
+
+    reason: str
+
+
+def utc(value: datetime) -> datetime:
+    """Read a datetime without zone as UTC, as the contract says."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def payload_error(raw: bytes) -> str | None:
+    """Return why an encoded payload cannot be stored, or None when it can."""
+    if not raw.lstrip().startswith(b"{"):
+        return "payload must be a JSON object"
+    return None
+
+
+def decode_message(
+    subject: str,
+    data: bytes,
+    received_at: datetime,
+    prefix: str = DEFAULT_PREFIX,
+    max_bytes: int = MAX_EVENT_BYTES,
+) -> Decoded | Rejected:
+    """Decode one message of the NATS path into an event, or say exactly why it is not one."""
+    topic = topic_from_subject(subject, prefix)
+    if topic is None:
+        return Rejected(f"subject {subject!r} is not under {prefix}.>")
+    if (bad := topic_error(topic)) is not None:
+        return Rejected(f"subject {subject!r}: {bad}")
+    if len(data) > max_bytes:
+        return Rejected(f"message is {len(data)} bytes, the limit is {max_bytes}")
+    if not data.strip():
+        return Rejected("empty body: expected a JSON object with at least event_id")
+    try:
+        body = _incoming.decode(data)
+    except msgspec.ValidationError as exc:
+        return Rejected(f"invalid event: {exc}")
+    except msgspec.DecodeError as exc:
+        return Rejected(f"not valid JSON: {exc}")
+    except RecursionError:
+        return Rejected("JSON is nested too deeply")
+    if body.topic is not None and body.topic != topic:
+        return Rejected(f"topic {body.topic!r} in the body disagrees with subject topic {topic!r}")
+    payload = bytes(body.payload)
+    if (bad := payload_error(payload)) is not None:
+        return Rejected(bad)
+    return Decoded(
+        topic=topic,
+        event_id=body.event_id,
+        timestamp=utc(body.timestamp) if body.timestamp is not None else received_at,
+        source=body.source if body.source is not None else DEFAULT_SOURCE,
+        payload=payload,
+    )
+
+
+def encode_event(event: Event | IncomingEvent) -> bytes:
+    """Encode an event as the JSON body publishers send."""
+    return _encoder.encode(event)

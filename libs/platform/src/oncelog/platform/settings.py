@@ -1,0 +1,111 @@
+"""Typed settings read once from the environment and passed down explicitly."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+
+__all__ = [
+    "ApiSettings",
+    "BrokerSettings",
+    "CommonSettings",
+    "ConsumerSettings",
+    "PublisherSettings",
+    "SettingsError",
+    "load",
+]
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class SettingsError(ValueError):
+    """A setting from the environment has a value that cannot be used."""
+
+
+class BrokerSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the broker is and how the EVENTS stream and its durable consumer are shaped."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    stream: str = "EVENTS"
+    subject_prefix: str = "events"
+    durable: str = "aggregator"
+    # How long JetStream remembers a Nats-Msg-Id; retries inside it are dropped by the broker.
+    duplicate_window_seconds: PositiveFloat = 120.0
+    # The stream refuses new publishes when full (discard=new), so this bounds disk use
+    # without ever evicting an unconsumed event.
+    stream_max_bytes: Positive = 8 * 1024**3
+    stream_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+    ack_wait_seconds: PositiveFloat = 30.0
+    max_ack_pending: Positive = 50_000
+
+
+class CommonSettings(BrokerSettings, frozen=True, kw_only=True):
+    """Broker settings plus where PostgreSQL is and how the pool is sized."""
+
+    database_url: str = "postgresql://oncelog@127.0.0.1:5432/oncelog"
+    db_pool_min: Positive = 1
+    db_pool_max: Positive = 4
+    statement_timeout_ms: Positive = 30_000
+
+
+class ConsumerSettings(CommonSettings, frozen=True, kw_only=True):
+    """Settings of one consumer replica."""
+
+    batch_size: Positive = 1000
+    fetch_timeout_seconds: PositiveFloat = 1.0
+    metrics_port: Port = 9464
+    metrics_host: str = "127.0.0.1"
+    consumer_id: str = ""
+    retry_max_seconds: PositiveFloat = 30.0
+    max_event_bytes: Positive = 1024 * 1024
+    log_level: str = "INFO"
+    # Refusing fsync=off protects acknowledged events; only a throwaway setup may opt out.
+    allow_unsafe_postgres: bool = False
+
+
+class PublisherSettings(CommonSettings, frozen=True, kw_only=True):
+    """Settings of the publisher service (the CLI takes the rest as flags)."""
+
+    log_level: str = "INFO"
+    record_broker_duplicates: bool = True
+
+
+class ApiSettings(CommonSettings, frozen=True, kw_only=True):
+    """Settings of the HTTP API."""
+
+    api_host: str = "127.0.0.1"
+    api_port: Port = 8080
+    max_body_bytes: Positive = 1024 * 1024
+    publish_timeout_seconds: PositiveFloat = 5.0
+    log_level: str = "INFO"
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def load(kind: type[S], environ: Mapping[str, str] | None = None, **overrides: Any) -> S:
+    """Build `kind` from upper-case environment variables named like its fields.
+
+    Values are converted from strings (`strict=False`); a bad value raises SettingsError naming
+    the variable.
+    """
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    for name in kind.__struct_fields__:
+        key = name.upper()
+        if key in env:
+            raw[name] = env[key]
+    raw.update(overrides)
+    try:
+        return msgspec.convert(raw, kind, strict=False)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        # msgspec names the field as `$.field`; users set upper-case variables.
+        for name in kind.__struct_fields__:
+            message = message.replace(f"`$.{name}`", name.upper())
+        raise SettingsError(f"invalid setting: {message}") from None

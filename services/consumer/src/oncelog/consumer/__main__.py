@@ -1,0 +1,101 @@
+"""Run one consumer replica: load settings, connect, migrate, consume, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import sys
+import zlib
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from oncelog.consumer.loop import Consumer
+from oncelog.consumer.metrics import ConsumerMetrics
+from oncelog.platform import broker, db, log
+from oncelog.platform.settings import ConsumerSettings, SettingsError, load
+from oncelog.platform.shutdown import shutdown_event
+
+_log = logging.getLogger("oncelog.consumer")
+
+# Writers spread their statistics over this many rows per topic (see topic_stats).
+STATS_SHARDS = 32
+
+
+async def _watch_lag(consumer: Consumer, stop: asyncio.Event) -> None:
+    """Export the durable's pending and ack-pending counts every few seconds."""
+    s = consumer.settings
+    while not stop.is_set():
+        with contextlib.suppress(Exception):
+            info = await consumer.js.consumer_info(s.stream, s.durable)
+            consumer.metrics.pending.set(info.num_pending or 0)
+            consumer.metrics.ack_pending.set(info.num_ack_pending or 0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 5)
+
+
+async def serve(settings: ConsumerSettings) -> None:
+    """Consume until SIGINT or SIGTERM, then drain."""
+    stop = shutdown_event()
+    consumer_id = settings.consumer_id or f"{socket.gethostname()}-{os.getpid()}"
+    pool = await db.create_pool(settings, f"oncelog-consumer {consumer_id}")
+    try:
+        async with pool.acquire() as conn:
+            await db.check_durable(conn, allow_unsafe=settings.allow_unsafe_postgres)
+            await db.migrate(conn)
+        nc = await broker.connect(settings, f"oncelog-consumer {consumer_id}")
+        try:
+            js = nc.jetstream()
+            await broker.ensure_stream(js, settings)
+            await broker.ensure_consumer(js, settings)
+            registry = CollectorRegistry()
+            consumer = Consumer(
+                settings,
+                js,
+                pool,
+                ConsumerMetrics(registry),
+                zlib.crc32(consumer_id.encode()) % STATS_SHARDS,
+            )
+            server, thread = start_http_server(
+                settings.metrics_port, settings.metrics_host, registry
+            )
+            _log.info(
+                "consuming",
+                extra={
+                    "stream": settings.stream,
+                    "durable": settings.durable,
+                    "metrics_port": settings.metrics_port,
+                },
+            )
+            watcher = asyncio.create_task(_watch_lag(consumer, stop))
+            try:
+                await consumer.run(stop)
+            finally:
+                stop.set()
+                await watcher
+                server.shutdown()
+                thread.join()
+        finally:
+            await nc.drain()
+    finally:
+        await pool.close()
+    _log.info("consumer stopped")
+
+
+def main() -> None:
+    """Entry point of `python -m oncelog.consumer`."""
+    try:
+        settings = load(ConsumerSettings)
+    except SettingsError as exc:
+        sys.exit(str(exc))
+    log.setup(settings.log_level, "consumer")
+    try:
+        asyncio.run(serve(settings))
+    except db.UnsafePostgresError as exc:
+        sys.exit(str(exc))
+
+
+if __name__ == "__main__":
+    main()

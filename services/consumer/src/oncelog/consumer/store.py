@@ -1,0 +1,294 @@
+"""One fetched batch into PostgreSQL in one transaction: events, duplicates, dead letters, stats."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from oncelog.events import Decoded, Rejected
+from oncelog.platform.db import Conn
+
+__all__ = ["DEAD_RAW_LIMIT", "Item", "Outcome", "store_batch"]
+
+# Dead letters keep the whole message up to this size, and its first bytes beyond it.
+DEAD_RAW_LIMIT = 64 * 1024
+
+# PostgreSQL error classes caused by a value itself (22: data exception, 54: program limit
+# exceeded, such as JSON nested too deeply): such an event is dead-lettered, never retried.
+_DATA_ERROR_CLASSES = ("22", "54")
+
+_INSERT_EVENTS = """
+INSERT INTO events (topic, event_id, ts, source, payload, stream_seq, received_at)
+SELECT topic, event_id, ts, source, payload::jsonb, seq, received_at
+FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::bigint[],
+            $7::timestamptz[]) AS b(topic, event_id, ts, source, payload, seq, received_at)
+ON CONFLICT (topic, event_id) DO NOTHING
+RETURNING stream_seq
+"""
+
+# A conflict whose stored row came from the same stream sequence is a redelivery of a message
+# already committed (crash between commit and ack): it is neither a duplicate nor counted again.
+_INSERT_DUPLICATES = """
+INSERT INTO duplicates (stream_seq, topic, event_id, received_at, first_received_at, same_payload)
+SELECT d.seq, d.topic, d.event_id, d.received_at, e.received_at, e.payload = d.payload::jsonb
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[], $5::text[])
+     AS d(seq, topic, event_id, received_at, payload)
+JOIN events e ON e.topic = d.topic AND e.event_id = d.event_id
+WHERE e.stream_seq <> d.seq
+ORDER BY d.seq
+ON CONFLICT (stream_seq) DO NOTHING
+RETURNING topic, same_payload, received_at - first_received_at AS age
+"""
+
+_INSERT_DEAD = """
+INSERT INTO dead_letters (stream_seq, subject, topic, headers, raw, raw_size, reason, received_at)
+SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[], $6::int[],
+                     $7::text[], $8::timestamptz[])
+ON CONFLICT (stream_seq) DO NOTHING
+RETURNING topic
+"""
+
+# Rows are sorted by topic so concurrent writers that share a shard lock rows in one order.
+_UPSERT_STATS = """
+INSERT INTO topic_stats AS s (topic, shard, received, stored, store_duplicates, dead_lettered,
+                              redelivered, conflicting, first_ts, last_ts, last_stored_at)
+SELECT topic, $1, received, stored, dups, dead, redelivered, conflicting, first_ts, last_ts,
+       CASE WHEN stored > 0 THEN now() END
+FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[],
+            $8::bigint[], $9::timestamptz[], $10::timestamptz[])
+     AS t(topic, received, stored, dups, dead, redelivered, conflicting, first_ts, last_ts)
+ORDER BY topic
+ON CONFLICT (topic, shard) DO UPDATE SET
+    received = s.received + excluded.received,
+    stored = s.stored + excluded.stored,
+    store_duplicates = s.store_duplicates + excluded.store_duplicates,
+    dead_lettered = s.dead_lettered + excluded.dead_lettered,
+    redelivered = s.redelivered + excluded.redelivered,
+    conflicting = s.conflicting + excluded.conflicting,
+    first_ts = LEAST(s.first_ts, excluded.first_ts),
+    last_ts = GREATEST(s.last_ts, excluded.last_ts),
+    last_stored_at = COALESCE(excluded.last_stored_at, s.last_stored_at)
+"""
+
+_PROBE = "SELECT $1::text::jsonb, $2::text, $3::text, $4::text"
+
+_headers_encoder = msgspec.json.Encoder()
+
+
+class Item(msgspec.Struct):
+    """One delivered message with its stream position and what decoding made of it."""
+
+    seq: int
+    delivered: int
+    subject: str
+    received_at: datetime
+    headers: dict[str, str] | None
+    data: bytes
+    result: Decoded | Rejected
+
+
+class Outcome(msgspec.Struct):
+    """What a committed batch did, for metrics and logs."""
+
+    stored: int = 0
+    duplicates: int = 0
+    dead: int = 0
+    redelivered: int = 0
+    replayed: int = 0
+    conflicting: int = 0
+    duplicate_ages: list[float] = msgspec.field(default_factory=list)
+    dead_reasons: list[str] = msgspec.field(default_factory=list)
+
+
+class _Counts:
+    __slots__ = (
+        "conflicting",
+        "dead",
+        "dups",
+        "first_ts",
+        "last_ts",
+        "received",
+        "redelivered",
+        "stored",
+    )
+
+    def __init__(self) -> None:
+        self.received = self.stored = self.dups = self.dead = 0
+        self.redelivered = self.conflicting = 0
+        self.first_ts: datetime | None = None
+        self.last_ts: datetime | None = None
+
+
+def _topic_key(item: Item) -> str:
+    if isinstance(item.result, Decoded):
+        return item.result.topic
+    # A dead letter counts against the topic its subject names, cut to the topic length limit.
+    _, _, rest = item.subject.partition(".")
+    return (rest or item.subject)[:255]
+
+
+async def _find_unstorable(conn: Conn, items: list[Item]) -> dict[int, str]:
+    """Return the seqs of events PostgreSQL refuses to store, with its reason for each."""
+    bad: dict[int, str] = {}
+    for item in items:
+        event = item.result
+        assert isinstance(event, Decoded)
+        try:
+            async with conn.transaction():
+                await conn.fetchrow(
+                    _PROBE, event.payload.decode(), event.event_id, event.source, event.topic
+                )
+        except asyncpg.PostgresError as exc:
+            if str(exc.sqlstate)[:2] not in _DATA_ERROR_CLASSES:
+                raise
+            bad[item.seq] = f"PostgreSQL refused the event: {exc}"
+    return bad
+
+
+async def store_batch(conn: Conn, items: list[Item], shard: int) -> Outcome:
+    """Store a batch in one transaction and return what it did; ack only after this returns."""
+    try:
+        async with conn.transaction():
+            return await _store(conn, items, shard, {})
+    except asyncpg.PostgresError as exc:
+        if str(exc.sqlstate)[:2] not in _DATA_ERROR_CLASSES:
+            raise
+    valid = [item for item in items if isinstance(item.result, Decoded)]
+    async with conn.transaction():
+        unstorable = await _find_unstorable(conn, valid)
+        if not unstorable:
+            raise RuntimeError("a data error was raised by no single event of the batch")
+        return await _store(conn, items, shard, unstorable)
+
+
+async def _store(conn: Conn, items: list[Item], shard: int, unstorable: dict[int, str]) -> Outcome:
+    outcome = Outcome()
+    counts: defaultdict[str, _Counts] = defaultdict(_Counts)
+    valid: list[tuple[Item, Decoded]] = []
+    dead: list[tuple[Item, str]] = []
+    for item in items:
+        if item.delivered > 1:
+            counts[_topic_key(item)].redelivered += 1
+            outcome.redelivered += 1
+        if isinstance(item.result, Rejected):
+            dead.append((item, item.result.reason))
+        elif item.seq in unstorable:
+            dead.append((item, unstorable[item.seq]))
+        else:
+            valid.append((item, item.result))
+    # One key order for every writer, so two consumers racing on the same keys cannot deadlock.
+    valid.sort(key=lambda pair: (pair[1].topic, pair[1].event_id, pair[0].seq))
+
+    if valid:
+        await _insert_events(conn, valid, counts, outcome)
+    if dead:
+        await _insert_dead(conn, dead, counts, outcome)
+    if counts:
+        await _upsert_stats(conn, counts, shard)
+    return outcome
+
+
+async def _insert_events(
+    conn: Conn,
+    valid: list[tuple[Item, Decoded]],
+    counts: defaultdict[str, _Counts],
+    outcome: Outcome,
+) -> None:
+    payloads = [event.payload.decode() for _, event in valid]
+    rows = await conn.fetch(
+        _INSERT_EVENTS,
+        [event.topic for _, event in valid],
+        [event.event_id for _, event in valid],
+        [event.timestamp for _, event in valid],
+        [event.source for _, event in valid],
+        payloads,
+        [item.seq for item, _ in valid],
+        [item.received_at for item, _ in valid],
+    )
+    inserted = {row["stream_seq"] for row in rows}
+    rest: list[int] = []
+    for index, (item, event) in enumerate(valid):
+        if item.seq in inserted:
+            c = counts[event.topic]
+            c.received += 1
+            c.stored += 1
+            if c.first_ts is None or event.timestamp < c.first_ts:
+                c.first_ts = event.timestamp
+            if c.last_ts is None or event.timestamp > c.last_ts:
+                c.last_ts = event.timestamp
+        else:
+            rest.append(index)
+    outcome.stored = len(inserted)
+    if not rest:
+        return
+    dups = await conn.fetch(
+        _INSERT_DUPLICATES,
+        [valid[i][0].seq for i in rest],
+        [valid[i][1].topic for i in rest],
+        [valid[i][1].event_id for i in rest],
+        [valid[i][0].received_at for i in rest],
+        [payloads[i] for i in rest],
+    )
+    for row in dups:
+        c = counts[row["topic"]]
+        c.received += 1
+        c.dups += 1
+        if not row["same_payload"]:
+            c.conflicting += 1
+            outcome.conflicting += 1
+        outcome.duplicate_ages.append(max(row["age"].total_seconds(), 0.0))
+    outcome.duplicates = len(dups)
+    outcome.replayed = len(rest) - len(dups)
+
+
+async def _insert_dead(
+    conn: Conn,
+    dead: list[tuple[Item, str]],
+    counts: defaultdict[str, _Counts],
+    outcome: Outcome,
+) -> None:
+    topics = [_topic_key(item) for item, _ in dead]
+    rows = await conn.fetch(
+        _INSERT_DEAD,
+        [item.seq for item, _ in dead],
+        [item.subject for item, _ in dead],
+        topics,
+        [_headers_encoder.encode(item.headers or {}).decode() for item, _ in dead],
+        [item.data[:DEAD_RAW_LIMIT] for item, _ in dead],
+        [len(item.data) for item, _ in dead],
+        [reason for _, reason in dead],
+        [item.received_at for item, _ in dead],
+    )
+    for row in rows:
+        c = counts[row["topic"]]
+        c.received += 1
+        c.dead += 1
+    outcome.dead = len(rows)
+    outcome.dead_reasons = [reason for _, reason in dead][: len(rows)]
+
+
+async def _upsert_stats(conn: Conn, counts: dict[str, _Counts], shard: int) -> None:
+    topics = sorted(counts)
+    columns: list[list[Any]] = [[] for _ in range(8)]
+    for topic in topics:
+        c = counts[topic]
+        for column, value in zip(
+            columns,
+            (
+                c.received,
+                c.stored,
+                c.dups,
+                c.dead,
+                c.redelivered,
+                c.conflicting,
+                c.first_ts,
+                c.last_ts,
+            ),
+            strict=True,
+        ):
+            column.append(value)
+    await conn.execute(_UPSERT_STATS, shard, topics, *columns)
