@@ -7,6 +7,7 @@ so tests never see each other's events or statistics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -87,10 +88,8 @@ async def settings(servers: Servers, uid: str) -> AsyncIterator[ConsumerSettings
     nc = await nats.connect(servers.nats.url)
     try:
         js = nc.jetstream()
-        try:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_stream(settings.stream)
-        except nats.js.errors.NotFoundError:
-            pass
     finally:
         await nc.close()
 

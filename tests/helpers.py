@@ -18,17 +18,17 @@ from oncelog.platform.settings import ConsumerSettings
 
 
 async def wait_until(
-    check: Callable[[], Awaitable[Any]], timeout: float = 20.0, interval: float = 0.05
+    check: Callable[[], Awaitable[Any]], within: float = 20.0, interval: float = 0.05
 ) -> Any:
-    """Poll `check` until it returns a truthy value, failing after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+    """Poll `check` until it returns a truthy value, failing after `within` seconds."""
+    deadline = time.monotonic() + within
     last: Any = None
     while time.monotonic() < deadline:
         last = await check()
         if last:
             return last
         await asyncio.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
+    raise AssertionError(f"condition not met within {within}s (last value: {last!r})")
 
 
 @contextlib.asynccontextmanager
@@ -44,6 +44,13 @@ async def running_consumer(
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+async def one(conn: asyncpg.Connection | asyncpg.Pool, sql: str, *args: Any) -> asyncpg.Record:
+    """Return the single row `sql` selects, failing when there is none."""
+    row = await conn.fetchrow(sql, *args)
+    assert row is not None, f"no row for {sql}"
+    return row
 
 
 async def totals(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, int]:

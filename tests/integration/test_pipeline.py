@@ -6,11 +6,12 @@ import asyncio
 import json
 
 import asyncpg
+import msgspec
 import pytest
-from helpers import assert_invariants, running_consumer, totals, wait_until
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from helpers import assert_invariants, one, running_consumer, totals, wait_until
 from oncelog.consumer.loop import to_item
 from oncelog.consumer.store import store_batch
 from oncelog.events import msg_id
@@ -73,10 +74,7 @@ async def test_store_drops_a_duplicate_the_broker_let_through(
     nc: Client, settings: ConsumerSettings, pool: asyncpg.Pool
 ) -> None:
     """Past the broker's window, the permanent unique key keeps the second copy out."""
-    short = settings.__class__(
-        **{f: getattr(settings, f) for f in settings.__struct_fields__}
-        | {"duplicate_window_seconds": 0.5}
-    )
+    short = msgspec.structs.replace(settings, duplicate_window_seconds=0.5)
     js = nc.jetstream()
     await broker.ensure_stream(js, short)
     await broker.ensure_consumer(js, short)
@@ -86,20 +84,20 @@ async def test_store_drops_a_duplicate_the_broker_let_through(
         return not await publish(js, short, "billing", "late", payload={"n": 1})
 
     # Retries inside the window are dropped; the first one after it passes the broker.
-    await wait_until(published_again, timeout=10, interval=0.1)
+    await wait_until(published_again, within=10, interval=0.1)
     async with running_consumer(short, js, pool):
         await wait_until(lambda: _totals_received(pool, 2))
     stats = await assert_invariants(pool)
     assert stats["stored"] == 1
     assert stats["store_duplicates"] == 1
     assert stats["conflicting"] == 0
-    dup = await pool.fetchrow("SELECT * FROM duplicates")
+    dup = await one(pool, "SELECT * FROM duplicates")
     assert dup["event_id"] == "late"
     assert dup["same_payload"] is True
 
 
 async def _totals_received(pool: asyncpg.Pool, n: int) -> bool:
-    return (await totals(pool))["received"] == n
+    return bool((await totals(pool))["received"] == n)
 
 
 async def test_a_duplicate_with_another_payload_is_recorded_as_conflicting(
@@ -149,7 +147,7 @@ async def test_bad_input_is_dead_lettered_and_the_consumer_goes_on(
     await js.publish(subject, body("after"))
     async with running_consumer(settings, js, pool):
         await wait_until(lambda: _totals_received(pool, 3))
-    letter = await pool.fetchrow("SELECT * FROM dead_letters")
+    letter = await one(pool, "SELECT * FROM dead_letters")
     assert reason in letter["reason"]
     assert bytes(letter["raw"]) == data
     assert letter["subject"] == subject
@@ -170,9 +168,7 @@ async def test_the_nats_cli_sample_from_the_contract_is_stored(
     nc: Client, settings: ConsumerSettings, pool: asyncpg.Pool
 ) -> None:
     """`nats pub events.auth.prod '{...}' -H Nats-Msg-Id:auth.prod:e-1` ends up stored."""
-    cli = settings.__class__(
-        **{f: getattr(settings, f) for f in settings.__struct_fields__} | {"subject_prefix": "events"}
-    )
+    cli = msgspec.structs.replace(settings, subject_prefix="events")
     js = nc.jetstream()
     await broker.ensure_stream(js, cli)
     await broker.ensure_consumer(js, cli)
@@ -183,7 +179,7 @@ async def test_the_nats_cli_sample_from_the_contract_is_stored(
     )
     async with running_consumer(cli, js, pool):
         await wait_until(lambda: _count_is(pool, 1))
-    row = await pool.fetchrow("SELECT * FROM events")
+    row = await one(pool, "SELECT * FROM events")
     assert (row["topic"], row["event_id"], row["source"]) == ("auth.prod", "e-1", "cli")
     assert json.loads(row["payload"]) == {"user": 7}
 
@@ -192,15 +188,15 @@ async def test_redelivery_after_commit_before_ack_stores_nothing_twice(
     nc: Client, settings: ConsumerSettings, pool: asyncpg.Pool
 ) -> None:
     """Messages committed but never acked come back, and are recognised as already stored."""
-    quick = settings.__class__(
-        **{f: getattr(settings, f) for f in settings.__struct_fields__} | {"ack_wait_seconds": 1.0}
-    )
+    quick = msgspec.structs.replace(settings, ack_wait_seconds=1.0)
     js = nc.jetstream()
     await broker.ensure_stream(js, quick)
     await broker.ensure_consumer(js, quick)
     subject = f"{quick.subject_prefix}.crash"
     for i in range(20):
-        await js.publish(subject, body(f"c-{i}"), headers={"Nats-Msg-Id": msg_id("crash", f"c-{i}")})
+        await js.publish(
+            subject, body(f"c-{i}"), headers={"Nats-Msg-Id": msg_id("crash", f"c-{i}")}
+        )
     # A duplicate (outside any Msg-Id) in the same batch, to show it is counted once too.
     await js.publish(subject, body("c-0"))
     # Commit like a replica that then dies before acking: nothing is acked.
@@ -212,7 +208,7 @@ async def test_redelivery_after_commit_before_ack_stores_nothing_twice(
     assert await stored_count(pool) == 20
     before = await totals(pool)
     async with running_consumer(quick, js, pool):
-        await wait_until(lambda: _redelivered(pool, 21), timeout=20)
+        await wait_until(lambda: _redelivered(pool, 21), within=20)
     after = await assert_invariants(pool)
     assert await stored_count(pool) == 20
     assert after["received"] == before["received"] == 21
@@ -221,7 +217,7 @@ async def test_redelivery_after_commit_before_ack_stores_nothing_twice(
 
 
 async def _redelivered(pool: asyncpg.Pool, n: int) -> bool:
-    return (await totals(pool))["redelivered"] == n
+    return bool((await totals(pool))["redelivered"] == n)
 
 
 async def test_two_consumers_racing_on_duplicates_store_each_key_once(
@@ -231,17 +227,21 @@ async def test_two_consumers_racing_on_duplicates_store_each_key_once(
     subject = f"{settings.subject_prefix}.race"
     keys = 300
     copies = 4
-    small = settings.__class__(
-        **{f: getattr(settings, f) for f in settings.__struct_fields__} | {"batch_size": 37}
-    )
+    small = msgspec.structs.replace(settings, batch_size=37)
     pool2 = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
     try:
-        async with running_consumer(small, js, pool, shard=1), running_consumer(small, js, pool2, shard=2):
+        async with (
+            running_consumer(small, js, pool, shard=1),
+            running_consumer(small, js, pool2, shard=2),
+        ):
             for copy in range(copies):
                 await asyncio.gather(
-                    *(js.publish(subject, body(f"k-{k}", payload={"copy": copy})) for k in range(keys))
+                    *(
+                        js.publish(subject, body(f"k-{k}", payload={"copy": copy}))
+                        for k in range(keys)
+                    )
                 )
-            await wait_until(lambda: _totals_received(pool, keys * copies), timeout=60)
+            await wait_until(lambda: _totals_received(pool, keys * copies), within=60)
     finally:
         await pool2.close()
     stats = await assert_invariants(pool)

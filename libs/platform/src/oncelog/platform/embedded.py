@@ -25,6 +25,7 @@ __all__ = [
     "EmbeddedError",
     "NatsServer",
     "PostgresServer",
+    "die_with_parent",
     "free_port",
     "nats_server_binary",
     "postgres_bin_dir",
@@ -53,7 +54,7 @@ def _port_busy(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def _die_with_parent(sig: int) -> None:
+def die_with_parent(sig: int) -> None:
     """Ask Linux to signal this child when its parent dies, so no server outlives its owner."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig))
@@ -144,7 +145,7 @@ class _Server:
             # the owner stops last, after the services have drained.
             start_new_session=True,
             user=user,
-            preexec_fn=lambda: _die_with_parent(death_signal),  # noqa: PLW1509
+            preexec_fn=lambda: die_with_parent(death_signal),  # noqa: PLW1509
         )
 
     def _stop(self, sig: int, timeout: float) -> None:

@@ -47,7 +47,7 @@ class BrokerSettings(msgspec.Struct, frozen=True, kw_only=True):
 class CommonSettings(BrokerSettings, frozen=True, kw_only=True):
     """Broker settings plus where PostgreSQL is and how the pool is sized."""
 
-    database_url: str = "postgresql://oncelog@127.0.0.1:5432/oncelog"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/oncelog"
     db_pool_min: Positive = 1
     db_pool_max: Positive = 4
     statement_timeout_ms: Positive = 30_000

@@ -8,20 +8,16 @@ import logging
 import os
 import socket
 import sys
-import zlib
 
 from prometheus_client import CollectorRegistry, start_http_server
 
 from oncelog.consumer.loop import Consumer
 from oncelog.consumer.metrics import ConsumerMetrics
-from oncelog.platform import broker, db, log
+from oncelog.platform import broker, db, log, stats
 from oncelog.platform.settings import ConsumerSettings, SettingsError, load
 from oncelog.platform.shutdown import shutdown_event
 
 _log = logging.getLogger("oncelog.consumer")
-
-# Writers spread their statistics over this many rows per topic (see topic_stats).
-STATS_SHARDS = 32
 
 
 async def _watch_lag(consumer: Consumer, stop: asyncio.Event) -> None:
@@ -56,7 +52,7 @@ async def serve(settings: ConsumerSettings) -> None:
                 js,
                 pool,
                 ConsumerMetrics(registry),
-                zlib.crc32(consumer_id.encode()) % STATS_SHARDS,
+                stats.shard_for(consumer_id),
             )
             server, thread = start_http_server(
                 settings.metrics_port, settings.metrics_host, registry

@@ -70,7 +70,8 @@ class Consumer:
                     _log.warning("fetch failed: %s", exc)
                     await _sleep_or_stop(stop, 0.5)
                     continue
-                await self.handle(msgs, stop)
+                if msgs:
+                    await self.handle(msgs, stop)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

@@ -1,0 +1,43 @@
+# oncelog: `just` lists the recipes.
+
+set dotenv-load := false
+
+python := "uv run --frozen python"
+
+# list the recipes
+default:
+    @just --list --unsorted
+
+# run the whole stack (embedded NATS + PostgreSQL, consumer, API) in the foreground
+up *args:
+    {{python}} -m oncelog.platform.devstack {{args}}
+
+# publish generated events to the running stack (e.g. `just publish --count 10000`)
+publish *args:
+    {{python}} -m oncelog.publisher {{args}}
+
+# run the test suite (unit and integration, real servers; fault scenarios marked slow excluded)
+test *args:
+    uv run --frozen pytest -m "not slow" {{args}}
+
+# run the fault-injection scenarios and print their table
+test-faults *args:
+    uv run --frozen pytest tests/faults -m "faults" {{args}}
+
+# format the code
+fmt:
+    uv run --frozen ruff format .
+    uv run --frozen ruff check --fix .
+
+# format check, lint and types
+lint:
+    uv run --frozen ruff format --check .
+    uv run --frozen ruff check .
+    uv run --frozen mypy libs services tests
+
+# what CI runs: lint, then the tests
+check: lint test
+
+# delete the stack's data (.data/) and caches
+clean:
+    rm -rf .data .pytest_cache .mypy_cache .ruff_cache bench-results

@@ -1,0 +1,92 @@
+"""The Litestar application: state, lifespan and OpenAPI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+
+from oncelog.api import routes
+from oncelog.api.errors import exception_handlers
+from oncelog.platform import broker
+from oncelog.platform.settings import ApiSettings
+
+__all__ = ["create_app"]
+
+_log = logging.getLogger("oncelog.api")
+
+
+async def _connect_nats(app: Litestar, settings: ApiSettings) -> None:
+    """Connect to NATS, retrying until it answers: the API serves reads while it is away."""
+    delay = 0.5
+    while True:
+        try:
+            nc = await broker.connect(settings, "oncelog-api", connect_timeout=2)
+            js = nc.jetstream()
+            await broker.ensure_stream(js, settings)
+        except Exception as exc:
+            _log.warning("nats not reachable yet: %r", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10)
+            continue
+        app.state.nc = nc
+        app.state.js = js
+        return
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: Litestar) -> AsyncIterator[None]:
+    settings: ApiSettings = app.state.settings
+    pool = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=0,
+        max_size=settings.db_pool_max,
+        server_settings={
+            "application_name": "oncelog-api",
+            "statement_timeout": str(settings.statement_timeout_ms),
+        },
+    )
+    assert pool is not None
+    app.state.pool = pool
+    connecting = asyncio.create_task(_connect_nats(app, settings))
+    try:
+        yield
+    finally:
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await connecting
+        if app.state.nc is not None:
+            with contextlib.suppress(Exception):
+                await app.state.nc.drain()
+        await pool.close()
+
+
+def create_app(settings: ApiSettings) -> Litestar:
+    """Build the API for `settings`; connections open in the lifespan."""
+    return Litestar(
+        route_handlers=[routes.health, routes.ready, routes.events, routes.stats],
+        lifespan=[_lifespan],
+        state=State(
+            {
+                "settings": settings,
+                "nc": None,
+                "js": None,
+                "pool": None,
+                "started": time.monotonic(),
+            }
+        ),
+        exception_handlers=exception_handlers,
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="oncelog",
+            version="0.1.0",
+            description="Events stored exactly once, queried and counted exactly.",
+        ),
+    )
