@@ -1,0 +1,97 @@
+"""Fault scenarios: consumer processes to kill, servers of their own, and the results table."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+
+from faults.checker import RESULTS, Verdict
+from faults.procs import Fleet
+from oncelog.platform.embedded import NatsServer, PostgresServer
+from oncelog.platform.settings import ConsumerSettings
+
+
+@pytest.fixture
+def fleet_factory(tmp_path: Path) -> Iterator[Callable[[ConsumerSettings], Fleet]]:
+    """Return a function that makes a Fleet for given settings; every replica stops at the end."""
+    fleets: list[Fleet] = []
+
+    def make(settings: ConsumerSettings) -> Fleet:
+        fleet = Fleet(settings, tmp_path)
+        fleets.append(fleet)
+        return fleet
+
+    try:
+        yield make
+    finally:
+        for fleet in fleets:
+            fleet.close()
+
+
+@pytest.fixture
+def own_nats(tmp_path: Path) -> Iterator[NatsServer]:
+    """Start a nats-server of this test alone, which it may kill."""
+    server = NatsServer(tmp_path / "nats")
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def own_postgres(tmp_path: Path) -> AsyncIterator[PostgresServer]:
+    """Start a PostgreSQL of this test alone (database `oncelog`), which it may kill."""
+    server = PostgresServer(tmp_path / "pg", fsync=False)
+    try:
+        server.start()
+        conn = await asyncpg.connect(server.url())
+        try:
+            await conn.execute("CREATE DATABASE oncelog")
+        finally:
+            await conn.close()
+        yield server
+    finally:
+        server.stop()
+
+
+def _table(results: list[Verdict]) -> list[str]:
+    header = (
+        "| fault | runs | attempted | acked | lost | duplicate rows | unexpected "
+        "| recovery (s) | redelivered | invariants |"
+    )
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for v in results:
+        recovery = "-" if v.recovery_seconds is None else f"{v.recovery_seconds:.2f}"
+        state = "hold" if not v.violations else "; ".join(v.violations)[:200]
+        if v.expected_failure:
+            state += f" (expected to fail: {v.expected_failure})"
+        lines.append(
+            f"| {v.fault} | {v.runs} | {v.attempted} | {v.acked} | {v.lost} "
+            f"| {v.duplicate_rows} | {v.unexpected} | {recovery} | {v.redelivered} | {state} |"
+        )
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """Print the fault table and write it as JSON and markdown to pytest's cache directory."""
+    if not RESULTS:
+        return
+    lines = _table(RESULTS)
+    terminalreporter.section("fault scenarios")
+    for line in lines:
+        terminalreporter.write_line(line)
+    if config.cache is not None:
+        folder = config.cache.mkdir("faults")
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        (folder / "results.md").write_text(f"Measured {stamp}.\n\n" + "\n".join(lines) + "\n")
+        (folder / "results.json").write_text(
+            json.dumps([msgspec.to_builtins(v) for v in RESULTS], indent=2)
+        )
+        terminalreporter.write_line(f"fault table written to {folder}/results.md")
