@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
+import nats.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -20,16 +23,46 @@ from nats.js.api import (
     StreamConfig,
     StreamInfo,
 )
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from oncelog.platform.settings import BrokerSettings
 
-__all__ = ["connect", "consumer_config", "ensure_consumer", "ensure_stream", "stream_config"]
+__all__ = [
+    "connect",
+    "connect_options",
+    "consumer_config",
+    "ensure_consumer",
+    "ensure_stream",
+    "stream_config",
+]
 
 _log = logging.getLogger("oncelog.broker")
 
 # JetStream's error code for "stream name already in use with a different configuration".
 _STREAM_NAME_IN_USE = 10058
+
+
+def connect_options(settings: BrokerSettings) -> dict[str, Any]:
+    """Return nats-py's authentication and TLS options for the configured credentials."""
+    options: dict[str, Any] = {}
+    if settings.nats_user:
+        options["user"] = settings.nats_user
+        options["password"] = settings.nats_password
+    if settings.nats_token:
+        options["token"] = settings.nats_token
+    if settings.nats_nkey_seed:
+        options["nkeys_seed"] = settings.nats_nkey_seed
+    if settings.nats_creds:
+        options["user_credentials"] = settings.nats_creds
+    if settings.nats_tls_ca or settings.nats_tls_cert or settings.nats_url.startswith("tls://"):
+        # Verification stays on: with no CA file given, the system's trust store is used.
+        context = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=settings.nats_tls_ca or None
+        )
+        if settings.nats_tls_cert:
+            context.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key or None)
+        options["tls"] = context
+    return options
 
 
 async def connect(
@@ -62,7 +95,7 @@ async def connect(
         disconnected_cb=disconnected,
         reconnected_cb=reconnected,
         error_cb=error,
-        **options,
+        **(connect_options(settings) | options),
     )
 
 
@@ -100,18 +133,73 @@ def consumer_config(settings: BrokerSettings) -> ConsumerConfig:
     )
 
 
+def _stream_matches(current: StreamConfig, wanted: StreamConfig) -> bool:
+    return (
+        sorted(current.subjects or []) == sorted(wanted.subjects or [])
+        and current.retention == wanted.retention
+        and current.storage == wanted.storage
+        and current.discard == wanted.discard
+        and current.max_bytes == wanted.max_bytes
+        and (current.num_replicas or 1) == wanted.num_replicas
+        and math.isclose(current.duplicate_window or 0, wanted.duplicate_window or 0)
+    )
+
+
+def _consumer_matches(current: ConsumerConfig, wanted: ConsumerConfig) -> bool:
+    return (
+        current.ack_policy == wanted.ack_policy
+        and current.max_deliver == wanted.max_deliver
+        and current.max_ack_pending == wanted.max_ack_pending
+        and current.max_waiting == wanted.max_waiting
+        and math.isclose(current.ack_wait or 0, wanted.ack_wait or 0)
+    )
+
+
 async def ensure_stream(js: JetStreamContext, settings: BrokerSettings) -> StreamInfo:
-    """Create the stream, or bring an existing one to the configured limits."""
+    """Create the stream, or bring an existing one to the configured limits.
+
+    A least-privileged service may not create or update streams: when the stream exists but
+    the change is refused (the server drops the request, so it times out), the existing stream
+    is used as it is and the difference is logged for the operator.
+    """
     config = stream_config(settings)
     try:
-        return await js.add_stream(config)
-    except BadRequestError as exc:
-        if exc.err_code != _STREAM_NAME_IN_USE:
+        current: StreamInfo | None = await js.stream_info(settings.stream)
+    except NotFoundError:
+        current = None
+    if current is not None and _stream_matches(current.config, config):
+        return current
+    try:
+        try:
+            return await js.add_stream(config)
+        except BadRequestError as exc:
+            if exc.err_code != _STREAM_NAME_IN_USE:
+                raise
+        _log.info("updating stream %s to the configured limits", settings.stream)
+        return await js.update_stream(config)
+    except nats.errors.TimeoutError:
+        if current is None:
             raise
-    _log.info("updating stream %s to the configured limits", settings.stream)
-    return await js.update_stream(config)
+        _log.warning("not allowed to update stream %s; using it as provisioned", settings.stream)
+        return current
 
 
 async def ensure_consumer(js: JetStreamContext, settings: BrokerSettings) -> ConsumerInfo:
-    """Create the durable consumer, or update it to the configured settings."""
-    return await js.add_consumer(settings.stream, consumer_config(settings))
+    """Create the durable consumer, or update it to the configured settings.
+
+    As with the stream, a service that may not change the durable uses it as provisioned.
+    """
+    config = consumer_config(settings)
+    try:
+        current: ConsumerInfo | None = await js.consumer_info(settings.stream, settings.durable)
+    except NotFoundError:
+        current = None
+    if current is not None and _consumer_matches(current.config, config):
+        return current
+    try:
+        return await js.add_consumer(settings.stream, config)
+    except nats.errors.TimeoutError:
+        if current is None:
+            raise
+        _log.warning("not allowed to update consumer %s; using it as provisioned", settings.durable)
+        return current

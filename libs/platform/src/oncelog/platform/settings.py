@@ -42,6 +42,17 @@ class BrokerSettings(msgspec.Struct, frozen=True, kw_only=True):
     stream_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     ack_wait_seconds: PositiveFloat = 30.0
     max_ack_pending: Positive = 50_000
+    # Credentials, each optional: user and password, a token, an nkey seed file, or a
+    # credentials (JWT + seed) file; the seed and credentials are paths to files.
+    nats_user: str = ""
+    nats_password: str = ""
+    nats_token: str = ""
+    nats_nkey_seed: str = ""
+    nats_creds: str = ""
+    # TLS: a CA bundle to verify the server, and a client certificate and key for mutual TLS.
+    nats_tls_ca: str = ""
+    nats_tls_cert: str = ""
+    nats_tls_key: str = ""
 
 
 class CommonSettings(BrokerSettings, frozen=True, kw_only=True):
