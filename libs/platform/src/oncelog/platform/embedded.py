@@ -158,9 +158,7 @@ class _Server:
             except subprocess.TimeoutExpired:
                 self.kill()
         self.proc = None
-        if self._log_handle is not None:
-            self._log_handle.close()
-            self._log_handle = None
+        self._close_log()
 
     def kill(self) -> None:
         """Kill the server's whole process group with SIGKILL, as a crash would."""
@@ -169,6 +167,13 @@ class _Server:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
+        # A later start() opens the log again; the old handle must not leak.
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
 
     def signal_group(self, sig: int) -> None:
         """Send `sig` to the server's process group (SIGSTOP and SIGCONT for fault tests)."""
