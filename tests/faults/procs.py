@@ -18,7 +18,6 @@ import msgspec
 from litestar.testing import AsyncTestClient
 
 from helpers import wait_until
-from oncelog.api.app import create_app
 from oncelog.platform.embedded import die_with_parent, free_port
 from oncelog.platform.settings import ApiSettings, ConsumerSettings
 
@@ -98,6 +97,20 @@ class ConsumerProcess:
                 return bool(resp.status == 200)
         except (urllib.error.URLError, OSError):
             return False
+
+    def metric(self, name: str) -> float:
+        """Return the sum of a metric's samples on its /metrics page (0 when unreachable)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback URL
+                text = resp.read().decode()
+        except (urllib.error.URLError, OSError):
+            return 0.0
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name) and not line.startswith("#")
+        )
 
     def wait_serving(self, within: float = 60.0) -> None:
         """Wait until it consumes, failing with its log if it exits or takes too long."""
@@ -194,6 +207,8 @@ def fault_settings(base: ConsumerSettings, **overrides: Any) -> ConsumerSettings
 @contextlib.asynccontextmanager
 async def api_client(settings: ConsumerSettings) -> AsyncIterator[AsyncTestClient[Any]]:
     """Run the API in this process on the scenario's stream and database."""
+    from oncelog.api.app import create_app
+
     api_settings = msgspec.convert(
         {f: getattr(settings, f) for f in ApiSettings.__struct_fields__ if hasattr(settings, f)},
         ApiSettings,
