@@ -50,11 +50,21 @@ def _migrations() -> list[tuple[int, str, str]]:
     )
 
 
+async def _is_current(conn: Conn) -> bool:
+    if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
+        return False
+    done = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+    return all(version in done for version, _, _ in _migrations())
+
+
 async def migrate(conn: Conn) -> list[str]:
     """Apply the migrations this database lacks, each in its own transaction; return their names.
 
-    An advisory lock makes concurrent starters take turns, so replicas may all call this.
+    An advisory lock makes concurrent starters take turns, so replicas may all call this. A
+    current schema is recognised with reads alone, so least-privileged services may call it too.
     """
+    if await _is_current(conn):
+        return []
     applied: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
     try:
