@@ -188,7 +188,7 @@ async def test_consumer_stores_events_as_the_ingest_role(
         try:
 
             async def stored() -> bool:
-                return await reader.fetchval("SELECT count(*) FROM events") == 20
+                return bool(await reader.fetchval("SELECT count(*) FROM events") == 20)
 
             await wait_until(stored, within=30)
         finally:
