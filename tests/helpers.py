@@ -9,12 +9,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
+import msgspec
+from litestar.testing import AsyncTestClient
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
+from oncelog.api.app import create_app
 from oncelog.consumer.loop import Consumer
 from oncelog.consumer.metrics import ConsumerMetrics
-from oncelog.platform.settings import ConsumerSettings
+from oncelog.platform.settings import ApiSettings, ConsumerSettings
 
 
 async def wait_until(
@@ -36,7 +39,8 @@ async def running_consumer(
     settings: ConsumerSettings, js: JetStreamContext, pool: asyncpg.Pool, shard: int = 0
 ) -> AsyncIterator[Consumer]:
     """Run one consumer replica in this event loop for the duration of the block."""
-    consumer = Consumer(settings, js, pool, ConsumerMetrics(CollectorRegistry()), shard)
+    # The test's JetStream context shares its connection with the consumer under test.
+    consumer = Consumer(settings, js._nc, pool, ConsumerMetrics(CollectorRegistry()), shard)
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
     try:
@@ -92,3 +96,26 @@ async def assert_invariants(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str
         + result["dead_lettered"]
     )
     return result
+
+
+def api_settings(settings: ConsumerSettings, **overrides: Any) -> ApiSettings:
+    """Return API settings on the test's servers, stream and database, with `overrides`."""
+    shared = {
+        f: getattr(settings, f) for f in ApiSettings.__struct_fields__ if hasattr(settings, f)
+    }
+    return msgspec.convert(shared | overrides, ApiSettings)
+
+
+@contextlib.asynccontextmanager
+async def api_client(
+    settings: ConsumerSettings, *, ready: bool = True, **overrides: Any
+) -> AsyncIterator[AsyncTestClient[Any]]:
+    """Run the API in-process on the test's servers; wait until it is ready unless told not to."""
+    async with AsyncTestClient(app=create_app(api_settings(settings, **overrides))) as client:
+        if ready:
+            await wait_until(lambda: _api_ready(client), within=10)
+        yield client
+
+
+async def _api_ready(client: AsyncTestClient[Any]) -> bool:
+    return (await client.get("/ready")).status_code == 200

@@ -232,7 +232,7 @@ async def test_two_consumers_racing_on_duplicates_store_each_key_once(
     try:
         async with (
             running_consumer(small, js, pool, shard=1),
-            running_consumer(small, js, pool2, shard=2),
+            running_consumer(small, js, pool2, shard=10),
         ):
             for copy in range(copies):
                 await asyncio.gather(
@@ -247,4 +247,5 @@ async def test_two_consumers_racing_on_duplicates_store_each_key_once(
     stats = await assert_invariants(pool)
     assert stats["stored"] == keys
     assert stats["store_duplicates"] == keys * (copies - 1)
-    assert await pool.fetchval("SELECT count(DISTINCT shard) FROM topic_stats") == 2
+    # Each replica (and each of its commit workers) counts on its own shard rows.
+    assert await pool.fetchval("SELECT count(DISTINCT shard) FROM topic_stats") >= 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from typing import Final
 
@@ -56,6 +57,17 @@ def payload_error(raw: bytes) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
+def _subject_topic(subject: str, prefix: str) -> str | Rejected:
+    """Return the valid topic a subject carries; cached, since a stream repeats its subjects."""
+    topic = topic_from_subject(subject, prefix)
+    if topic is None:
+        return Rejected(f"subject {subject!r} is not under {prefix}.>")
+    if (bad := topic_error(topic)) is not None:
+        return Rejected(f"subject {subject!r}: {bad}")
+    return topic
+
+
 def decode_message(
     subject: str,
     data: bytes,
@@ -64,11 +76,9 @@ def decode_message(
     max_bytes: int = MAX_EVENT_BYTES,
 ) -> Decoded | Rejected:
     """Decode one message of the NATS path into an event, or say exactly why it is not one."""
-    topic = topic_from_subject(subject, prefix)
-    if topic is None:
-        return Rejected(f"subject {subject!r} is not under {prefix}.>")
-    if (bad := topic_error(topic)) is not None:
-        return Rejected(f"subject {subject!r}: {bad}")
+    topic = _subject_topic(subject, prefix)
+    if isinstance(topic, Rejected):
+        return topic
     if len(data) > max_bytes:
         return Rejected(f"message is {len(data)} bytes, the limit is {max_bytes}")
     if not data.strip():

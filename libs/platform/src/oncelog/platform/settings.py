@@ -68,7 +68,10 @@ class ConsumerSettings(CommonSettings, frozen=True, kw_only=True):
     """Settings of one consumer replica."""
 
     batch_size: Positive = 1000
-    fetch_timeout_seconds: PositiveFloat = 1.0
+    # Transactions in flight at once per replica; each commits a batch while others fill.
+    commit_workers: Annotated[int, msgspec.Meta(ge=1, le=16)] = 2
+    # Lifetime of one pull request; the consumer re-issues them continuously.
+    fetch_timeout_seconds: PositiveFloat = 2.0
     metrics_port: Port = 9464
     metrics_host: str = "127.0.0.1"
     consumer_id: str = ""

@@ -49,7 +49,7 @@ async def serve(settings: ConsumerSettings) -> None:
             registry = CollectorRegistry()
             consumer = Consumer(
                 settings,
-                js,
+                nc,
                 pool,
                 ConsumerMetrics(registry),
                 stats.shard_for(consumer_id),
