@@ -1,37 +1,28 @@
-"""The HTTP API against the real stack: health, readiness, events and stats."""
+"""The HTTP API's read routes against the real stack: events, pagination, stats, topics, queue."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
-import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 from nats.js import JetStreamContext
 
-from helpers import running_consumer, totals, wait_until
-from oncelog.api.app import create_app
-from oncelog.platform.settings import ApiSettings, ConsumerSettings
+from helpers import api_client, running_consumer, totals, wait_until
+from oncelog.platform.settings import ConsumerSettings
 
 
 @pytest.fixture
 async def client(
     settings: ConsumerSettings, js: JetStreamContext
 ) -> AsyncIterator[AsyncTestClient[Any]]:
-    api_settings = msgspec.convert(
-        {f: getattr(settings, f) for f in ApiSettings.__struct_fields__ if hasattr(settings, f)},
-        ApiSettings,
-    )
-    async with AsyncTestClient(app=create_app(api_settings)) as c:
-        await wait_until(lambda: _ready(c), within=10)
+    async with api_client(settings, rate_limit_per_second=0) as c:
         yield c
-
-
-async def _ready(c: AsyncTestClient[Any]) -> bool:
-    return (await c.get("/ready")).status_code == 200
 
 
 async def seed(
@@ -50,6 +41,11 @@ async def _received(pool: asyncpg.Pool, n: int) -> bool:
     return bool((await totals(pool))["received"] == n)
 
 
+def next_url(resp: Any) -> str | None:
+    match = re.fullmatch(r'<(?P<url>[^>]+)>; rel="next"', resp.headers.get("link", ""))
+    return match["url"] if match else None
+
+
 async def test_health_and_ready(client: AsyncTestClient[Any]) -> None:
     """/health answers while alive; /ready names NATS and PostgreSQL as ok."""
     assert (await client.get("/health")).json() == {"status": "ok"}
@@ -58,6 +54,19 @@ async def test_health_and_ready(client: AsyncTestClient[Any]) -> None:
         "nats": "ok",
         "postgres": "ok",
     }
+
+
+async def test_ready_names_the_failing_part(settings: ConsumerSettings) -> None:
+    """/ready answers 503 in the error shape naming NATS when the broker cannot be reached."""
+    async with api_client(settings, ready=False, nats_url="nats://127.0.0.1:1") as c:
+        resp = await c.get("/ready")
+        assert resp.status_code == 503
+        assert resp.headers["retry-after"] == "1"
+        body = resp.json()
+        assert body["errors"] == [{"field": "nats", "message": "unreachable"}]
+        assert "nats" in body["detail"]
+        # Liveness does not depend on the broker.
+        assert (await c.get("/health")).status_code == 200
 
 
 async def test_events_of_a_topic_as_a_json_array(
@@ -93,6 +102,184 @@ async def test_events_of_a_topic_as_a_json_array(
         "source": "nats",
         "payload": {"k": 2},
     }
+    assert "link" not in resp.headers
+
+
+async def test_wildcards_time_range_and_order(
+    client: AsyncTestClient[Any],
+    js: JetStreamContext,
+    settings: ConsumerSettings,
+    pool: asyncpg.Pool,
+) -> None:
+    """`*` matches one token, `>` one or more; since/until bound the time; order=desc reverses."""
+    topics = ["auth", "auth.prod", "auth.prod.login", "auth.dev", "authx.prod", "billing.prod"]
+    await seed(
+        js,
+        settings,
+        pool,
+        [
+            {"topic": t, "event_id": f"e{i}", "timestamp": f"2026-01-01T00:00:0{i}Z"}
+            for i, t in enumerate(topics)
+        ],
+    )
+
+    async def topics_of(**params: Any) -> list[str]:
+        resp = await client.get("/events", params=params)
+        assert resp.status_code == 200, resp.text
+        return [e["topic"] for e in resp.json()]
+
+    assert await topics_of(topic="auth.*") == ["auth.prod", "auth.dev"]
+    assert await topics_of(topic="auth.>") == ["auth.prod", "auth.prod.login", "auth.dev"]
+    assert await topics_of(topic="*.prod") == ["auth.prod", "authx.prod", "billing.prod"]
+    assert await topics_of(topic=">") == topics
+    assert await topics_of(topic="auth") == ["auth"]
+    assert await topics_of() == topics
+    assert await topics_of(since="2026-01-01T00:00:02Z", until="2026-01-01T00:00:04Z") == [
+        "auth.prod.login",
+        "auth.dev",
+    ]
+    # A time without zone is UTC, as the contract says.
+    assert await topics_of(since="2026-01-01T00:00:05") == ["billing.prod"]
+    assert await topics_of(order="desc", limit=2) == ["billing.prod", "authx.prod"]
+
+
+async def test_pagination_returns_each_event_once_while_events_arrive(
+    client: AsyncTestClient[Any],
+    js: JetStreamContext,
+    settings: ConsumerSettings,
+    pool: asyncpg.Pool,
+) -> None:
+    """Walking Link rel=next pages returns every stored event exactly once, in order, even while
+    new events with earlier, equal and later timestamps are being stored."""
+    stamps = [f"2026-01-01T00:{i // 60:02d}:{i % 60:02d}Z" for i in range(0, 300, 2)]
+    seeded = [
+        {"topic": f"p.t{i % 3}", "event_id": f"old-{i}", "timestamp": stamps[i // 2]}
+        for i in range(300)
+    ]
+    await seed(js, settings, pool, [dict(e) for e in seeded])
+    async with running_consumer(settings, js, pool):
+        arriving = [
+            {"topic": f"p.t{i % 3}", "event_id": f"new-{i}", "timestamp": stamps[(i * 7) % 150]}
+            for i in range(150)
+        ]
+
+        async def publish_more() -> None:
+            for i in range(0, 150, 10):
+                resp = await client.post("/publish", json=arriving[i : i + 10])
+                assert resp.status_code == 202, resp.text
+                await asyncio.sleep(0)
+
+        writer = asyncio.create_task(publish_more())
+        seen: list[tuple[str, str, str]] = []
+        url: str | None = "/events?topic=p.>&limit=23"
+        pages = 0
+        while url is not None:
+            resp = await client.get(url)
+            assert resp.status_code == 200, resp.text
+            page = resp.json()
+            assert len(page) <= 23
+            seen += [(e["timestamp"], e["topic"], e["event_id"]) for e in page]
+            url = next_url(resp)
+            pages += 1
+        await writer
+    assert pages >= 14
+    ids = [key[2] for key in seen]
+    assert len(ids) == len(set(ids)), "an event came back twice"
+    assert {e["event_id"] for e in seeded} <= set(ids), "a stored event was skipped"
+    assert seen == sorted(seen)
+
+
+async def test_pagination_descending(
+    client: AsyncTestClient[Any],
+    js: JetStreamContext,
+    settings: ConsumerSettings,
+    pool: asyncpg.Pool,
+) -> None:
+    """order=desc pages go newest first and a cursor cannot be reused for the other order."""
+    await seed(
+        js,
+        settings,
+        pool,
+        [
+            {"topic": "d", "event_id": f"{i:02d}", "timestamp": "2026-01-01T00:00:00Z"}
+            for i in range(10)
+        ],
+    )
+    first = await client.get("/events", params={"topic": "d", "limit": 4, "order": "desc"})
+    assert [e["event_id"] for e in first.json()] == ["09", "08", "07", "06"]
+    url = next_url(first)
+    assert url is not None
+    second = await client.get(url)
+    assert [e["event_id"] for e in second.json()] == ["05", "04", "03", "02"]
+    cursor = url.split("cursor=")[1]
+    wrong = await client.get("/events", params={"topic": "d", "order": "asc", "cursor": cursor})
+    assert wrong.status_code == 422
+    assert wrong.json()["errors"][0]["field"] == "cursor"
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"limit": "1001"}, "limit"),
+        ({"limit": "0"}, "limit"),
+        ({"limit": "many"}, "limit"),
+        ({"topic": "a..b"}, "topic"),
+        ({"topic": "a.>.b"}, "topic"),
+        ({"topic": "a b"}, "topic"),
+        ({"since": "yesterday"}, "since"),
+        ({"until": "2026-13-01T00:00:00Z"}, "until"),
+        ({"order": "sideways"}, "order"),
+        ({"cursor": "not-a-cursor"}, "cursor"),
+        ({"cursor": "WzFd"}, "cursor"),
+    ],
+)
+async def test_events_rejects_bad_queries_naming_the_field(
+    client: AsyncTestClient[Any], params: dict[str, str], field: str
+) -> None:
+    """Every bad query parameter of GET /events is a 422 in the one error shape naming it."""
+    resp = await client.get("/events", params=params)
+    assert resp.status_code == 422, resp.text
+    body = resp.json()
+    assert body["status_code"] == 422
+    assert field in [e["field"] for e in body["errors"]], body
+
+
+async def test_one_event_with_its_provenance(
+    client: AsyncTestClient[Any],
+    js: JetStreamContext,
+    settings: ConsumerSettings,
+    pool: asyncpg.Pool,
+) -> None:
+    """GET /events/{topic}/{event_id} returns the event, its stream sequence, when it was stored,
+    and how many copies the store dropped and when the last one came; unknown keys are 404."""
+    await seed(
+        js,
+        settings,
+        pool,
+        [
+            {"topic": "orders.eu", "event_id": "o-1", "payload": {"n": 1}},
+            {"topic": "orders.eu", "event_id": "o-1", "payload": {"n": 1}},
+            {"topic": "orders.eu", "event_id": "o-1", "payload": {"n": 2}},
+            {"topic": "orders.eu", "event_id": "o-2"},
+        ],
+    )
+    resp = await client.get("/events/orders.eu/o-1")
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["event"]["payload"] == {"n": 1}
+    assert body["event"]["topic"] == "orders.eu"
+    p = body["provenance"]
+    assert p["stream_seq"] == 1
+    assert p["store_duplicates"] == 2
+    assert p["last_duplicate_at"] >= p["received_at"]
+    assert p["first_stored_at"]
+    quiet = (await client.get("/events/orders.eu/o-2")).json()["provenance"]
+    assert quiet["store_duplicates"] == 0
+    assert quiet["last_duplicate_at"] is None
+    missing = await client.get("/events/orders.eu/nope")
+    assert missing.status_code == 404
+    assert missing.json()["status_code"] == 404
+    assert "nope" in missing.json()["detail"]
 
 
 async def test_stats_carry_the_keys_existing_clients_read(
@@ -120,6 +307,68 @@ async def test_stats_carry_the_keys_existing_clients_read(
     assert stats["duplicate_dropped"] == 1
     assert stats["dedup_rate_percent"] == 25.0
     assert stats["topics"] == ["x", "y"]
+    assert stats["topic_count"] == 2
     assert stats["uptime_seconds"] >= 0
     assert stats["duplicates_by_layer"] == {"broker": 0, "store": 1}
+    assert stats["dead_lettered"] == 0
+    assert stats["redelivered"] == 0
     assert stats["per_topic"]["x"]["duplicate_dropped"] == 1
+    assert stats["per_topic"]["y"]["unique_processed"] == 2
+
+
+async def test_topics_with_counts_and_time_range(
+    client: AsyncTestClient[Any],
+    js: JetStreamContext,
+    settings: ConsumerSettings,
+    pool: asyncpg.Pool,
+) -> None:
+    """GET /topics lists each topic with its counts and first/last timestamps; topic= filters."""
+    await seed(
+        js,
+        settings,
+        pool,
+        [
+            {"topic": "t.a", "event_id": "1", "timestamp": "2026-01-01T00:00:05Z"},
+            {"topic": "t.a", "event_id": "2", "timestamp": "2026-01-01T00:00:01Z"},
+            {"topic": "t.a", "event_id": "2", "timestamp": "2026-01-01T00:00:01Z"},
+            {"topic": "u", "event_id": "1", "timestamp": "2026-01-01T00:00:09Z"},
+        ],
+    )
+    body = (await client.get("/topics")).json()
+    assert [t["topic"] for t in body] == ["t.a", "u"]
+    a = body[0]
+    assert (a["received"], a["unique_processed"], a["duplicate_dropped"]) == (3, 2, 1)
+    assert a["first_timestamp"] == "2026-01-01T00:00:01Z"
+    assert a["last_timestamp"] == "2026-01-01T00:00:05Z"
+    assert a["last_stored_at"] is not None
+    assert [t["topic"] for t in (await client.get("/topics?topic=t.*")).json()] == ["t.a"]
+    assert (await client.get("/topics?topic=t..")).status_code == 422
+
+
+async def test_queue_stats(
+    client: AsyncTestClient[Any],
+    js: JetStreamContext,
+    settings: ConsumerSettings,
+    pool: asyncpg.Pool,
+) -> None:
+    """GET /queue/stats shows unconsumed messages as stream messages and consumer pending, then
+    zero once the consumer has stored them."""
+    for i in range(5):
+        await js.publish(f"{settings.subject_prefix}.q", json.dumps({"event_id": str(i)}).encode())
+    body = (await client.get("/queue/stats")).json()
+    assert body["stream"]["name"] == settings.stream
+    assert body["stream"]["messages"] == 5
+    assert body["stream"]["bytes"] > 0
+    assert body["stream"]["last_seq"] == 5
+    assert body["consumer"]["name"] == settings.durable
+    assert body["consumer"]["pending"] == 5
+    async with running_consumer(settings, js, pool):
+
+        async def drained() -> bool:
+            b = (await client.get("/queue/stats")).json()
+            return bool(b["stream"]["messages"] == 0 and b["consumer"]["ack_pending"] == 0)
+
+        await wait_until(drained)
+    body = (await client.get("/queue/stats")).json()
+    assert body["consumer"]["pending"] == 0
+    assert body["consumer"]["last_acked_at"] is not None

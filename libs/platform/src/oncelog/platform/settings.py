@@ -96,6 +96,14 @@ class ApiSettings(CommonSettings, frozen=True, kw_only=True):
     api_port: Port = 8080
     max_body_bytes: Positive = 1024 * 1024
     publish_timeout_seconds: PositiveFloat = 5.0
+    # Publishes one request keeps in flight at once; more would only queue inside the client.
+    publish_inflight: Positive = 256
+    # Comma-separated keys accepted in X-API-Key; when a list is empty its routes are open.
+    api_keys_publish: str = ""
+    api_keys_read: str = ""
+    # Token bucket per API key (or client address when there is none); 0 turns it off.
+    rate_limit_per_second: Annotated[float, msgspec.Meta(ge=0)] = 100.0
+    rate_limit_burst: Positive = 200
     log_level: str = "INFO"
 
 

@@ -24,6 +24,8 @@ def main() -> None:
         port=settings.api_port,
         log_config=None,
         access_log=False,
+        # The rate limit keys on the socket peer; a forwarded-for header must not replace it.
+        proxy_headers=False,
         lifespan="on",
     )
 

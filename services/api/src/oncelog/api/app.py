@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -12,11 +13,15 @@ import asyncpg
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
+from prometheus_client import CollectorRegistry
 
-from oncelog.api import routes
+from oncelog.api import gateway, operations, routes
 from oncelog.api.errors import exception_handlers
+from oncelog.api.metrics import ApiMetrics, MetricsMiddleware, count_unmatched
+from oncelog.api.protect import Protection
 from oncelog.platform import broker
 from oncelog.platform.settings import ApiSettings
+from oncelog.platform.stats import shard_for
 
 __all__ = ["create_app"]
 
@@ -55,6 +60,7 @@ async def _lifespan(app: Litestar) -> AsyncIterator[None]:
     )
     assert pool is not None
     app.state.pool = pool
+    app.state.metrics.watch_pool(pool)
     connecting = asyncio.create_task(_connect_nats(app, settings))
     try:
         yield
@@ -71,7 +77,19 @@ async def _lifespan(app: Litestar) -> AsyncIterator[None]:
 def create_app(settings: ApiSettings) -> Litestar:
     """Build the API for `settings`; connections open in the lifespan."""
     return Litestar(
-        route_handlers=[routes.health, routes.ready, routes.events, routes.stats],
+        route_handlers=[
+            gateway.publish,
+            gateway.replay,
+            routes.events,
+            routes.event,
+            routes.stats,
+            routes.topics,
+            routes.dead_letters,
+            operations.queue_stats,
+            operations.health,
+            operations.ready,
+            operations.metrics,
+        ],
         lifespan=[_lifespan],
         state=State(
             {
@@ -80,13 +98,21 @@ def create_app(settings: ApiSettings) -> Litestar:
                 "js": None,
                 "pool": None,
                 "started": time.monotonic(),
+                # A registry per app, never the global one, so two apps in a process never clash.
+                "metrics": ApiMetrics(CollectorRegistry()),
+                "protection": Protection(settings),
+                # This process's stats shard for the broker duplicates it records.
+                "shard": shard_for(f"api-{os.uname().nodename}-{os.getpid()}"),
             }
         ),
+        middleware=[MetricsMiddleware()],
+        before_send=[count_unmatched],
         exception_handlers=exception_handlers,
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="oncelog",
             version="0.1.0",
-            description="Events stored exactly once, queried and counted exactly.",
+            description="Events stored exactly once, queried and counted exactly. Every error "
+            "answers with one shape: {status_code, detail, errors: [{field, message}]}.",
         ),
     )

@@ -68,6 +68,19 @@ def _store_down(request: Request[Any, Any, Any], exc: Exception) -> Response[Err
     )
 
 
+def _bad_value(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    # PostgreSQL refused a value taken from the request (a NUL character, a number or a time
+    # out of its range): the client's input is at fault, so it gets a 4xx, never a 500.
+    return Response(
+        ErrorBody(
+            status_code=422,
+            detail="a value in the request cannot be used",
+            errors=[FieldError(field="request", message=str(exc).splitlines()[0][:200])],
+        ),
+        status_code=HTTP_422_UNPROCESSABLE_ENTITY,
+    )
+
+
 def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     _log.exception("unhandled error on %s %s", request.method, request.url.path)
     return Response(
@@ -78,6 +91,8 @@ def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[Error
 
 exception_handlers: dict[type[Exception] | int, Any] = {
     HTTPException: _http_error,
+    asyncpg.DataError: _bad_value,
+    OverflowError: _bad_value,
     asyncpg.PostgresConnectionError: _store_down,
     asyncpg.CannotConnectNowError: _store_down,
     asyncpg.InterfaceError: _store_down,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -14,12 +14,20 @@ from oncelog.platform.db import Conn
 __all__ = [
     "Cursor",
     "CursorError",
+    "DeadCursor",
     "decode_cursor",
     "encode_cursor",
+    "fetch_dead_letter",
+    "fetch_dead_letters",
+    "fetch_event",
     "fetch_events",
     "fetch_stats",
+    "mark_replayed",
     "topic_filter",
 ]
+
+
+C = TypeVar("C", bound=msgspec.Struct)
 
 
 class CursorError(ValueError):
@@ -27,23 +35,27 @@ class CursorError(ValueError):
 
 
 class Cursor(msgspec.Struct, array_like=True, frozen=True):
-    """The position after the last event of a page: its (timestamp, topic, event_id)."""
+    """The position after the last event of a page: its (timestamp, topic, event_id).
+
+    It remembers the order it was made for, so a cursor cannot be walked the wrong way.
+    """
 
     ts: datetime
     topic: str
     event_id: str
+    descending: bool = False
 
 
-def encode_cursor(cursor: Cursor) -> str:
+def encode_cursor(cursor: msgspec.Struct) -> str:
     """Return `cursor` as an opaque URL-safe token."""
     return base64.urlsafe_b64encode(msgspec.json.encode(cursor)).decode().rstrip("=")
 
 
-def decode_cursor(token: str) -> Cursor:
+def decode_cursor(token: str, kind: type[C]) -> C:
     """Read a token made by encode_cursor."""
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        return msgspec.json.decode(raw, type=Cursor)
+        return msgspec.json.decode(raw, type=kind)
     except (binascii.Error, ValueError, msgspec.DecodeError) as exc:
         raise CursorError("cursor is not one this API issued") from exc
 
@@ -123,11 +135,76 @@ SELECT topic,
        max(last_ts) AS last_ts,
        max(last_stored_at) AS last_stored_at
 FROM topic_stats
+{where}
 GROUP BY topic
 ORDER BY topic
 """
 
 
-async def fetch_stats(conn: Conn) -> list[Any]:
+async def fetch_stats(conn: Conn, topic: str | None = None) -> list[Any]:
     """Return per-topic statistics: one row per topic, whatever the number of stored events."""
-    return await conn.fetch(_STATS)
+    if topic is None:
+        return await conn.fetch(_STATS.format(where=""))
+    condition, params = topic_filter(topic, 1)
+    return await conn.fetch(_STATS.format(where="WHERE " + condition), *params)
+
+
+_EVENT = """
+SELECT e.topic, e.event_id, e.ts, e.source, e.payload, e.stream_seq, e.received_at, e.stored_at,
+       d.n AS duplicates, d.last AS last_duplicate_at
+FROM events e,
+     LATERAL (SELECT count(*) AS n, max(received_at) AS last FROM duplicates
+              WHERE topic = e.topic AND event_id = e.event_id) d
+WHERE e.topic = $1 AND e.event_id = $2
+"""
+
+
+async def fetch_event(conn: Conn, topic: str, event_id: str) -> Any:
+    """Return one stored event with its store-layer duplicates, or None."""
+    return await conn.fetchrow(_EVENT, topic, event_id)
+
+
+class DeadCursor(msgspec.Struct, array_like=True, frozen=True):
+    """The position after the last dead letter of a page (newest first)."""
+
+    id: int
+
+
+async def fetch_dead_letters(
+    conn: Conn, *, topic: str | None, before: int | None, limit: int
+) -> list[Any]:
+    """Return up to `limit` dead letters, newest first."""
+    where: list[str] = []
+    args: list[Any] = []
+    if topic is not None:
+        condition, params = topic_filter(topic, 1)
+        where.append(condition)
+        args += params
+    if before is not None:
+        args.append(before)
+        where.append(f"id < ${len(args)}")
+    args.append(limit)
+    sql = (
+        "SELECT id, stream_seq, subject, topic, headers, raw, raw_size, reason, received_at,"
+        " dead_at, replayed_at FROM dead_letters"
+        + (" WHERE " + " AND ".join(where) if where else "")
+        + f" ORDER BY id DESC LIMIT ${len(args)}"
+    )
+    return await conn.fetch(sql, *args)
+
+
+async def fetch_dead_letter(conn: Conn, letter_id: int) -> Any:
+    """Return one dead letter, or None."""
+    return await conn.fetchrow(
+        "SELECT id, subject, topic, raw, raw_size, reason FROM dead_letters WHERE id = $1",
+        letter_id,
+    )
+
+
+async def mark_replayed(conn: Conn, letter_id: int) -> datetime:
+    """Record that a dead letter was published again; return when."""
+    value: datetime = await conn.fetchval(
+        "UPDATE dead_letters SET replayed_at = now() WHERE id = $1 RETURNING replayed_at",
+        letter_id,
+    )
+    return value

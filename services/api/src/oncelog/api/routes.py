@@ -1,62 +1,54 @@
-"""The HTTP routes: plain Litestar handlers with their state on app.state."""
+"""The read routes: events, one event's provenance, statistics, topics, dead letters."""
 
 from __future__ import annotations
 
 import re
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
 import msgspec
 from litestar import Request, Response, get
-from litestar.datastructures import State
-from litestar.params import Parameter
-from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
+from litestar.datastructures import ResponseHeader, State
+from litestar.exceptions import NotFoundException
+from litestar.params import Parameter, PathParameter
 
 from oncelog.api import queries
 from oncelog.api.errors import invalid
+from oncelog.api.openapi import errors
+from oncelog.api.protect import guard_read
 from oncelog.api.schemas import (
+    DeadLetter,
     DuplicatesByLayer,
-    Health,
-    Readiness,
+    EventDetail,
+    Provenance,
     Stats,
-    StoredEvent,
+    TopicInfo,
     TopicStats,
 )
-from oncelog.events import utc
+from oncelog.events import Event, utc
 
-__all__ = ["events", "health", "ready", "stats"]
+__all__ = ["dead_letters", "event", "events", "stats", "topics"]
 
 _TOPIC_QUERY = re.compile(r"^([A-Za-z0-9_-]+|\*)(\.([A-Za-z0-9_-]+|\*))*(\.>)?$|^>$")
 _decode_payload = msgspec.json.Decoder(dict[str, Any])
+_READ_ERRORS = errors(400, 401, 422, 429, 503)
+_NEXT = [
+    ResponseHeader(
+        name="Link",
+        description='<url>; rel="next" when another page may follow',
+        documentation_only=True,
+    )
+]
 
-
-@get("/health", summary="Liveness: the process answers", tags=["operations"])
-async def health() -> Health:
-    """Answer 200 while the process is alive."""
-    return Health(status="ok")
-
-
-@get(
-    "/ready",
-    summary="Readiness: NATS and PostgreSQL are reachable",
-    tags=["operations"],
-    responses={503: {"description": "A dependency is unreachable; the body names it."}},  # type: ignore[dict-item]
-)
-async def ready(state: State) -> Response[Readiness]:
-    """Answer 200 when NATS and PostgreSQL both answer, 503 naming the failing part otherwise."""
-    nc = state.nc
-    nats_state = "ok" if nc is not None and nc.is_connected else "unreachable"
-    try:
-        async with state.pool.acquire(timeout=2) as conn:
-            await conn.fetchval("SELECT 1", timeout=2)
-        pg_state = "ok"
-    except Exception:
-        pg_state = "unreachable"
-    ok = nats_state == pg_state == "ok"
-    body = Readiness(status="ready" if ok else "not ready", nats=nats_state, postgres=pg_state)
-    return Response(body, status_code=200 if ok else HTTP_503_SERVICE_UNAVAILABLE)
+TopicQuery = Annotated[
+    str | None,
+    Parameter(
+        description="A topic, or a NATS pattern: auth.* (one token) or auth.> (one or more)",
+        max_length=255,
+    ),
+]
 
 
 def _topic_query(topic: str | None) -> str | None:
@@ -70,17 +62,34 @@ def _topic_query(topic: str | None) -> str | None:
     return topic
 
 
-@get("/events", summary="Stored events, oldest first, keyset-paginated", tags=["events"])
+def _instant(name: str, value: datetime | None) -> datetime | None:
+    """Read a query time as UTC; one PostgreSQL cannot hold is a 422, not a crash."""
+    if value is None:
+        return None
+    try:
+        return utc(value).astimezone(UTC)
+    except OverflowError:
+        raise invalid(name, "out of range") from None
+
+
+def _next_link(request: Request[Any, Any, Any], token: str) -> str:
+    params = [(k, v) for k, v in request.query_params.multi_items() if k != "cursor"]
+    return f'<{request.url.path}?{urlencode([*params, ("cursor", token)])}>; rel="next"'
+
+
+@get(
+    "/events",
+    summary="Stored events as a JSON array, keyset-paginated",
+    tags=["events"],
+    response_headers=_NEXT,
+    guards=[guard_read],
+    responses=_READ_ERRORS,
+)
 async def events(
     request: Request[Any, Any, Any],
     state: State,
-    topic: Annotated[
-        str | None,
-        Parameter(
-            description="A topic, or a NATS pattern: auth.* (one token) or auth.> (one or more)"
-        ),
-    ] = None,
-    limit: Annotated[int, Parameter(ge=1, le=1000, description="Page size")] = 100,
+    topic: TopicQuery = None,
+    limit: Annotated[int, Parameter(ge=1, le=1000, description="Page size (max 1000)")] = 100,
     since: Annotated[
         datetime | None, Parameter(description="Only events at or after this RFC 3339 time")
     ] = None,
@@ -91,84 +100,133 @@ async def events(
         Literal["asc", "desc"], Parameter(description="By (timestamp, topic, event_id)")
     ] = "asc",
     cursor: Annotated[
-        str | None, Parameter(description="The opaque cursor of the Link rel=next header")
+        str | None,
+        Parameter(description="The opaque cursor of the Link rel=next header", max_length=2048),
     ] = None,
-) -> Response[list[StoredEvent]]:
+) -> Response[list[Event]]:
     """Return a JSON array of events; the next page's URL is in `Link: <...>; rel="next"`."""
     pattern = _topic_query(topic)
+    descending = order == "desc"
     after = None
     if cursor is not None:
         try:
-            after = queries.decode_cursor(cursor)
+            after = queries.decode_cursor(cursor, queries.Cursor)
         except queries.CursorError as exc:
             raise invalid("cursor", str(exc)) from None
+        if after.descending != descending:
+            raise invalid("cursor", "was issued for the other order")
     async with state.pool.acquire() as conn:
+        # One row more than asked tells whether a next page exists without another query.
         rows = await queries.fetch_events(
             conn,
             topic=pattern,
-            since=utc(since) if since else None,
-            until=utc(until) if until else None,
+            since=_instant("since", since),
+            until=_instant("until", until),
             after=after,
-            descending=order == "desc",
-            limit=limit,
+            descending=descending,
+            limit=limit + 1,
         )
     page = [
-        StoredEvent(
+        Event(
             topic=r["topic"],
             event_id=r["event_id"],
             timestamp=r["ts"],
             source=r["source"],
             payload=_decode_payload.decode(r["payload"]),
         )
-        for r in rows
+        for r in rows[:limit]
     ]
     headers = {}
-    if len(rows) == limit:
-        last = rows[-1]
-        token = queries.encode_cursor(queries.Cursor(last["ts"], last["topic"], last["event_id"]))
-        params = {k: v for k, v in request.query_params.items() if k != "cursor"} | {
-            "cursor": token
-        }
-        headers["Link"] = f'<{request.url.path}?{urlencode(params)}>; rel="next"'
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        token = queries.encode_cursor(
+            queries.Cursor(last["ts"], last["topic"], last["event_id"], descending)
+        )
+        headers["Link"] = _next_link(request, token)
     return Response(page, headers=headers)
 
 
-@get("/stats", summary="Exact, persistent statistics", tags=["stats"])
+@get(
+    "/events/{topic:str}/{event_id:str}",
+    summary="One stored event with its provenance",
+    tags=["events"],
+    guards=[guard_read],
+    responses=errors(400, 401, 404, 422, 429, 503),
+)
+async def event(
+    state: State,
+    topic: Annotated[str, PathParameter(description="The event's topic", max_length=255)],
+    event_id: Annotated[str, PathParameter(description="The event's id", max_length=255)],
+) -> EventDetail:
+    """Return the event, its stream sequence, when it was stored, and its dropped copies."""
+    async with state.pool.acquire() as conn:
+        row = await queries.fetch_event(conn, topic, event_id)
+    if row is None:
+        raise NotFoundException(detail=f"no event {event_id!r} in topic {topic!r}")
+    return EventDetail(
+        event=Event(
+            topic=row["topic"],
+            event_id=row["event_id"],
+            timestamp=row["ts"],
+            source=row["source"],
+            payload=_decode_payload.decode(row["payload"]),
+        ),
+        provenance=Provenance(
+            stream_seq=row["stream_seq"],
+            received_at=row["received_at"],
+            first_stored_at=row["stored_at"],
+            store_duplicates=row["duplicates"],
+            last_duplicate_at=row["last_duplicate_at"],
+        ),
+    )
+
+
+def _topic_stats(r: Any) -> dict[str, Any]:
+    return {
+        "received": r["received"],
+        "unique_processed": r["stored"],
+        "duplicate_dropped": r["store_duplicates"] + r["broker_duplicates"],
+        "duplicates_by_layer": DuplicatesByLayer(
+            broker=r["broker_duplicates"], store=r["store_duplicates"]
+        ),
+        "dead_lettered": r["dead_lettered"],
+        "redelivered": r["redelivered"],
+        "conflicting_duplicates": r["conflicting"],
+        "first_timestamp": r["first_ts"],
+        "last_timestamp": r["last_ts"],
+    }
+
+
+_TOTALS = (
+    "received",
+    "stored",
+    "store_duplicates",
+    "broker_duplicates",
+    "dead_lettered",
+    "redelivered",
+    "conflicting",
+)
+
+
+@get(
+    "/stats",
+    summary="Exact, persistent statistics",
+    tags=["stats"],
+    guards=[guard_read],
+    responses=errors(401, 429, 503),
+)
 async def stats(state: State) -> Stats:
     """Return counters summed over topics; cost grows with topics, never with stored events."""
     async with state.pool.acquire() as conn:
         rows = await queries.fetch_stats(conn)
     per_topic: dict[str, TopicStats] = {}
-    total = dict.fromkeys(
-        (
-            "received",
-            "stored",
-            "store_duplicates",
-            "broker_duplicates",
-            "dead_lettered",
-            "redelivered",
-            "conflicting",
-        ),
-        0,
-    )
+    total = dict.fromkeys(_TOTALS, 0)
     for r in rows:
         for key in total:
             total[key] += r[key]
-        per_topic[r["topic"]] = TopicStats(
-            received=r["received"],
-            unique_processed=r["stored"],
-            duplicate_dropped=r["store_duplicates"] + r["broker_duplicates"],
-            duplicates_by_layer=DuplicatesByLayer(
-                broker=r["broker_duplicates"], store=r["store_duplicates"]
-            ),
-            dead_lettered=r["dead_lettered"],
-            redelivered=r["redelivered"],
-            conflicting_duplicates=r["conflicting"],
-            first_timestamp=r["first_ts"],
-            last_timestamp=r["last_ts"],
-        )
+        per_topic[r["topic"]] = TopicStats(**_topic_stats(r))
     dropped = total["store_duplicates"] + total["broker_duplicates"]
-    topics = [t for t, s in per_topic.items() if s.unique_processed > 0]
+    names = [t for t, s in per_topic.items() if s.unique_processed > 0]
     return Stats(
         received=total["received"],
         unique_processed=total["stored"],
@@ -176,8 +234,8 @@ async def stats(state: State) -> Stats:
         dedup_rate_percent=round(100.0 * dropped / total["received"], 2)
         if total["received"]
         else 0.0,
-        topics=topics,
-        topic_count=len(topics),
+        topics=names,
+        topic_count=len(names),
         uptime_seconds=round(time.monotonic() - state.started, 3),
         duplicates_by_layer=DuplicatesByLayer(
             broker=total["broker_duplicates"], store=total["store_duplicates"]
@@ -187,3 +245,81 @@ async def stats(state: State) -> Stats:
         conflicting_duplicates=total["conflicting"],
         per_topic=per_topic,
     )
+
+
+@get(
+    "/topics",
+    summary="Topics with their counts and first/last timestamps",
+    tags=["stats"],
+    guards=[guard_read],
+    responses=_READ_ERRORS,
+)
+async def topics(state: State, topic: TopicQuery = None) -> list[TopicInfo]:
+    """Return every topic seen (or those matching `topic`), in name order."""
+    pattern = _topic_query(topic)
+    async with state.pool.acquire() as conn:
+        rows = await queries.fetch_stats(conn, pattern)
+    return [
+        TopicInfo(topic=r["topic"], last_stored_at=r["last_stored_at"], **_topic_stats(r))
+        for r in rows
+    ]
+
+
+def _text(raw: bytes) -> str | None:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+@get(
+    "/dead-letters",
+    summary="Messages that could not become events, newest first, with reasons",
+    tags=["dead letters"],
+    response_headers=_NEXT,
+    guards=[guard_read],
+    responses=_READ_ERRORS,
+)
+async def dead_letters(
+    request: Request[Any, Any, Any],
+    state: State,
+    topic: TopicQuery = None,
+    limit: Annotated[int, Parameter(ge=1, le=200, description="Page size (max 200)")] = 50,
+    cursor: Annotated[
+        str | None,
+        Parameter(description="The opaque cursor of the Link rel=next header", max_length=2048),
+    ] = None,
+) -> Response[list[DeadLetter]]:
+    """Return dead letters with their raw bytes (base64) and reasons; next page in Link."""
+    pattern = _topic_query(topic)
+    before = None
+    if cursor is not None:
+        try:
+            before = queries.decode_cursor(cursor, queries.DeadCursor).id
+        except queries.CursorError as exc:
+            raise invalid("cursor", str(exc)) from None
+    async with state.pool.acquire() as conn:
+        rows = await queries.fetch_dead_letters(conn, topic=pattern, before=before, limit=limit + 1)
+    page = [
+        DeadLetter(
+            id=r["id"],
+            stream_seq=r["stream_seq"],
+            subject=r["subject"],
+            topic=r["topic"],
+            headers=_decode_payload.decode(r["headers"]),
+            reason=r["reason"],
+            raw=r["raw"],
+            raw_size=r["raw_size"],
+            truncated=r["raw_size"] > len(r["raw"]),
+            text=_text(r["raw"]),
+            received_at=r["received_at"],
+            dead_at=r["dead_at"],
+            replayed_at=r["replayed_at"],
+        )
+        for r in rows[:limit]
+    ]
+    headers = {}
+    if len(rows) > limit:
+        token = queries.encode_cursor(queries.DeadCursor(rows[limit - 1]["id"]))
+        headers["Link"] = _next_link(request, token)
+    return Response(page, headers=headers)

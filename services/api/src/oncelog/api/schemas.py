@@ -7,25 +7,26 @@ from typing import Any
 
 import msgspec
 
+from oncelog.events import Event
+
 __all__ = [
+    "ConsumerState",
+    "DeadLetter",
+    "DuplicatesByLayer",
     "ErrorBody",
+    "EventDetail",
     "FieldError",
     "Health",
+    "Provenance",
+    "PublishResult",
+    "QueueStats",
     "Readiness",
+    "ReplayResult",
     "Stats",
-    "StoredEvent",
+    "StreamState",
+    "TopicInfo",
     "TopicStats",
 ]
-
-
-class StoredEvent(msgspec.Struct, kw_only=True):
-    """An event as stored."""
-
-    topic: str
-    event_id: str
-    timestamp: datetime
-    source: str
-    payload: dict[str, Any]
 
 
 class FieldError(msgspec.Struct, kw_only=True):
@@ -93,3 +94,95 @@ class Stats(msgspec.Struct, kw_only=True):
     redelivered: int
     conflicting_duplicates: int
     per_topic: dict[str, TopicStats]
+
+
+class TopicInfo(TopicStats, kw_only=True):
+    """One topic with its counters and the time range of its events."""
+
+    topic: str
+    last_stored_at: datetime | None
+
+
+class Provenance(msgspec.Struct, kw_only=True):
+    """Where a stored event came from and what happened to its copies."""
+
+    stream_seq: int
+    received_at: datetime
+    first_stored_at: datetime
+    store_duplicates: int
+    last_duplicate_at: datetime | None
+
+
+class EventDetail(msgspec.Struct, kw_only=True):
+    """One stored event with its provenance."""
+
+    event: Event
+    provenance: Provenance
+
+
+class PublishResult(msgspec.Struct, kw_only=True):
+    """What POST /publish made durable: every accepted event is in the stream."""
+
+    accepted: int
+    duplicates: int
+    published: int
+
+
+class DeadLetter(msgspec.Struct, kw_only=True):
+    """A message that could not become an event, with the reason."""
+
+    id: int
+    stream_seq: int | None
+    subject: str
+    topic: str
+    headers: dict[str, Any]
+    reason: str
+    raw: bytes
+    raw_size: int
+    truncated: bool
+    text: str | None
+    received_at: datetime
+    dead_at: datetime
+    replayed_at: datetime | None
+
+
+class ReplayResult(msgspec.Struct, kw_only=True):
+    """A dead letter published again as an event."""
+
+    dead_letter_id: int
+    topic: str
+    event_id: str
+    stream_seq: int
+    duplicate: bool
+    replayed_at: datetime
+
+
+class StreamState(msgspec.Struct, kw_only=True):
+    """The JetStream stream holding events not yet stored."""
+
+    name: str
+    messages: int
+    bytes: int
+    first_seq: int
+    last_seq: int
+    consumer_count: int
+    max_bytes: int
+
+
+class ConsumerState(msgspec.Struct, kw_only=True):
+    """The durable consumer that stores events."""
+
+    name: str
+    pending: int
+    ack_pending: int
+    redelivered: int
+    waiting: int
+    last_delivered_at: datetime | None
+    last_acked_at: datetime | None
+
+
+class QueueStats(msgspec.Struct, kw_only=True):
+    """Broker-side state: what waits in the stream and how far the consumer is."""
+
+    stream: StreamState
+    consumer: ConsumerState | None

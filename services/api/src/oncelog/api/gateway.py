@@ -1,0 +1,212 @@
+"""The write routes: POST /publish and dead-letter replay, answered only after every PubAck."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from litestar import Request, post
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.params import PathParameter
+from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_409_CONFLICT
+from nats.js.api import PubAck
+
+from oncelog.api import queries
+from oncelog.api.errors import Unavailable
+from oncelog.api.ingest import BodyError, Outgoing, prepare, prepare_one
+from oncelog.api.openapi import PublishOperation, ReplayOperation, errors
+from oncelog.api.protect import guard_publish
+from oncelog.api.schemas import PublishResult, ReplayResult
+from oncelog.events import (
+    MAX_EVENT_BYTES,
+    Decoded,
+    decode_message,
+    msg_id,
+    subject_for,
+    topic_error,
+)
+from oncelog.platform.publish import PublishError, publish_until
+from oncelog.platform.stats import add_broker_duplicates
+
+__all__ = ["publish", "replay"]
+
+_log = logging.getLogger("oncelog.api")
+
+
+def _rejected(exc: BodyError) -> ValidationException:
+    fields = ", ".join(e.field for e in exc.errors[:5])
+    return ValidationException(
+        detail=f"invalid events, nothing was published: {fields}",
+        extra=[{"key": e.field, "message": e.message} for e in exc.errors],
+    )
+
+
+def _max_payload(state: State) -> int:
+    nc = state.nc
+    if nc is None or state.js is None:
+        raise Unavailable(detail="NATS is not connected; retry the same body later")
+    return int(nc.max_payload)
+
+
+async def _publish_all(state: State, outgoing: Sequence[Outgoing]) -> list[PubAck]:
+    """Publish every event concurrently; record the broker's duplicates; 503 unless all acked.
+
+    Duplicates are recorded even when some events failed: they were dropped either way, and the
+    client's retry of the same body is counted again as what it is.
+    """
+    settings = state.settings
+    js = state.js
+    gate = asyncio.Semaphore(settings.publish_inflight)
+    deadline = time.monotonic() + settings.publish_timeout_seconds
+
+    async def one(event: Outgoing) -> PubAck:
+        async with gate:
+            return await publish_until(
+                js, event.subject, event.body, event.msg_id, deadline=deadline
+            )
+
+    results = await asyncio.gather(*(one(e) for e in outgoing), return_exceptions=True)
+    acks: list[PubAck] = []
+    dups: Counter[str] = Counter()
+    failed = 0
+    for event, result in zip(outgoing, results, strict=True):
+        if isinstance(result, PubAck):
+            acks.append(result)
+            if result.duplicate:
+                dups[event.topic] += 1
+        elif isinstance(result, PublishError):
+            failed += 1
+        elif isinstance(result, BaseException):
+            failed += 1
+            _log.error("publish failed unexpectedly: %r", result)
+    metrics = state.metrics
+    metrics.published.inc(len(acks))
+    if dups:
+        async with state.pool.acquire() as conn:
+            await add_broker_duplicates(conn, dups, state.shard)
+        metrics.duplicates.labels("broker").inc(sum(dups.values()))
+    if failed:
+        metrics.publish_failures.inc(failed)
+        raise Unavailable(
+            detail=f"{failed} of {len(outgoing)} events got no PubAck from the broker in "
+            f"{settings.publish_timeout_seconds:g}s; retry the same body (duplicates are dropped)",
+        )
+    return acks
+
+
+@post(
+    "/publish",
+    summary="Publish events durably: one event, an array, or {events: [...]}",
+    tags=["events"],
+    status_code=HTTP_202_ACCEPTED,
+    guards=[guard_publish],
+    operation_class=PublishOperation,
+    response_description="Every event is durably in the stream (or was already).",
+    responses=errors(401, 413, 422, 429, 503),
+)
+async def publish(request: Request[Any, Any, Any], state: State) -> PublishResult:
+    """Validate every event, publish all with their Msg-Ids, answer once every PubAck arrived."""
+    raw = await request.body()
+    try:
+        outgoing = prepare(
+            raw,
+            now=datetime.now(UTC),
+            subject_prefix=state.settings.subject_prefix,
+            max_payload=_max_payload(state),
+        )
+    except BodyError as exc:
+        raise _rejected(exc) from None
+    acks = await _publish_all(state, outgoing)
+    duplicates = sum(1 for ack in acks if ack.duplicate)
+    return PublishResult(
+        accepted=len(acks), duplicates=duplicates, published=len(acks) - duplicates
+    )
+
+
+async def _stored_bytes(state: State, letter: Any) -> Outgoing:
+    """Return a dead letter's own bytes as an event to publish again, or say why they cannot be."""
+    raw: bytes = letter["raw"]
+    if letter["raw_size"] > len(raw):
+        raise HTTPException(
+            status_code=HTTP_409_CONFLICT,
+            detail=f"only the first {len(raw)} of {letter['raw_size']} bytes were kept; "
+            "send a corrected event as the body",
+        )
+    prefix = state.settings.subject_prefix
+    decoded = decode_message(
+        letter["subject"], raw, datetime.now(UTC), prefix, max_bytes=MAX_EVENT_BYTES
+    )
+    if not isinstance(decoded, Decoded):
+        raise ValidationException(
+            detail=f"the stored message is still not a valid event: {decoded.reason}; "
+            "send a corrected event as the body",
+            extra=[{"key": "body", "message": decoded.reason}],
+        )
+    return Outgoing(
+        topic=decoded.topic,
+        event_id=decoded.event_id,
+        subject=subject_for(decoded.topic, prefix),
+        msg_id=msg_id(decoded.topic, decoded.event_id),
+        body=raw,
+    )
+
+
+@post(
+    "/dead-letters/{letter_id:int}/replay",
+    summary="Publish a dead letter again, as stored or corrected",
+    tags=["dead letters"],
+    status_code=HTTP_202_ACCEPTED,
+    guards=[guard_publish],
+    operation_class=ReplayOperation,
+    response_description="The event is durably in the stream (or was already).",
+    responses=errors(400, 401, 404, 409, 413, 422, 429, 503),
+)
+async def replay(
+    request: Request[Any, Any, Any],
+    state: State,
+    letter_id: Annotated[
+        int, PathParameter(ge=1, le=2**63 - 1, description="The dead letter's id")
+    ],
+) -> ReplayResult:
+    """Publish the letter with the contract's Msg-Id; replaying twice never stores it twice."""
+    raw = await request.body()
+    async with state.pool.acquire() as conn:
+        letter = await queries.fetch_dead_letter(conn, letter_id)
+    if letter is None:
+        raise NotFoundException(detail=f"no dead letter {letter_id}")
+    if raw.strip():
+        default_topic = letter["topic"] if topic_error(letter["topic"]) is None else None
+        try:
+            event = prepare_one(
+                raw,
+                now=datetime.now(UTC),
+                subject_prefix=state.settings.subject_prefix,
+                max_payload=_max_payload(state),
+                default_topic=default_topic,
+            )
+        except BodyError as exc:
+            raise _rejected(exc) from None
+    else:
+        _max_payload(state)
+        event = await _stored_bytes(state, letter)
+    (ack,) = await _publish_all(state, [event])
+    async with state.pool.acquire() as conn:
+        replayed_at = await queries.mark_replayed(conn, letter_id)
+    _log.info(
+        "dead letter replayed",
+        extra={"dead_letter": letter_id, "topic": event.topic, "duplicate": bool(ack.duplicate)},
+    )
+    return ReplayResult(
+        dead_letter_id=letter_id,
+        topic=event.topic,
+        event_id=event.event_id,
+        stream_seq=ack.seq,
+        duplicate=bool(ack.duplicate),
+        replayed_at=replayed_at,
+    )

@@ -1,0 +1,123 @@
+"""Operational routes: liveness, readiness, broker queue state and Prometheus metrics."""
+
+from __future__ import annotations
+
+import logging
+
+import nats.errors
+import nats.js.errors
+from litestar import Response, get
+from litestar.datastructures import State
+from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from oncelog.api.errors import Unavailable
+from oncelog.api.openapi import errors
+from oncelog.api.protect import guard_read
+from oncelog.api.schemas import (
+    ConsumerState,
+    ErrorBody,
+    FieldError,
+    Health,
+    QueueStats,
+    Readiness,
+    StreamState,
+)
+
+__all__ = ["health", "metrics", "queue_stats", "ready"]
+
+_log = logging.getLogger("oncelog.api")
+
+
+@get("/health", summary="Liveness: the process answers", tags=["operations"])
+async def health() -> Health:
+    """Answer 200 while the process is alive."""
+    return Health(status="ok")
+
+
+@get(
+    "/ready",
+    summary="Readiness: NATS and PostgreSQL are reachable",
+    tags=["operations"],
+    responses=errors(503),
+)
+async def ready(state: State) -> Response[Readiness | ErrorBody]:
+    """Answer 200 when NATS and PostgreSQL both answer, 503 naming each failing part otherwise."""
+    failing: list[FieldError] = []
+    nc = state.nc
+    if nc is None or not nc.is_connected:
+        failing.append(FieldError(field="nats", message="unreachable"))
+    try:
+        async with state.pool.acquire(timeout=2) as conn:
+            await conn.fetchval("SELECT 1", timeout=2)
+    except Exception as exc:
+        _log.warning("readiness: postgres unreachable: %r", exc)
+        failing.append(FieldError(field="postgres", message="unreachable"))
+    if failing:
+        names = " and ".join(f.field for f in failing)
+        return Response(
+            ErrorBody(status_code=503, detail=f"not ready: {names} unreachable", errors=failing),
+            status_code=HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": "1"},
+        )
+    return Response(Readiness(status="ready", nats="ok", postgres="ok"))
+
+
+@get(
+    "/queue/stats",
+    summary="Stream and durable consumer state: pending, ack pending, redelivered",
+    tags=["operations"],
+    guards=[guard_read],
+    responses=errors(401, 429, 503),
+)
+async def queue_stats(state: State) -> QueueStats:
+    """Return what waits in the stream and how far the durable consumer has got."""
+    settings = state.settings
+    js = state.js
+    if js is None or not state.nc.is_connected:
+        raise Unavailable(detail="NATS is not connected; retry later")
+    try:
+        info = await js.stream_info(settings.stream)
+    except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+        raise Unavailable(detail=f"stream {settings.stream} is unavailable: {exc}") from None
+    consumer = None
+    try:
+        c = await js.consumer_info(settings.stream, settings.durable)
+    except nats.js.errors.NotFoundError:
+        c = None
+    except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+        raise Unavailable(detail=f"consumer {settings.durable} is unavailable: {exc}") from None
+    if c is not None:
+        consumer = ConsumerState(
+            name=c.name,
+            pending=c.num_pending or 0,
+            ack_pending=c.num_ack_pending or 0,
+            redelivered=c.num_redelivered or 0,
+            waiting=c.num_waiting or 0,
+            last_delivered_at=c.delivered.last_active if c.delivered else None,
+            last_acked_at=c.ack_floor.last_active if c.ack_floor else None,
+        )
+    s = info.state
+    return QueueStats(
+        stream=StreamState(
+            name=info.config.name or settings.stream,
+            messages=s.messages,
+            bytes=s.bytes,
+            first_seq=s.first_seq,
+            last_seq=s.last_seq,
+            consumer_count=s.consumer_count,
+            max_bytes=info.config.max_bytes or -1,
+        ),
+        consumer=consumer,
+    )
+
+
+@get(
+    "/metrics",
+    summary="Prometheus metrics",
+    tags=["operations"],
+    media_type=CONTENT_TYPE_LATEST,
+)
+async def metrics(state: State) -> Response[bytes]:
+    """Return the API's metrics in the Prometheus text format."""
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
