@@ -21,7 +21,7 @@ from helpers import wait_until
 from oncelog.platform import broker
 from oncelog.platform.settings import ConsumerSettings
 
-__all__ = ["Scenario", "kill_in_batch"]
+__all__ = ["Scenario", "kill_in_batch", "strike_in_batch"]
 
 
 async def _provision(js: JetStreamContext, settings: ConsumerSettings) -> bool:
@@ -122,13 +122,19 @@ class Scenario:
             )
 
 
-async def kill_in_batch(
-    pool: asyncpg.Pool, victim: ConsumerProcess, *, after_commit: bool, within: float = 10.0
+async def strike_in_batch(
+    pool: asyncpg.Pool,
+    victim: ConsumerProcess,
+    sig: int,
+    *,
+    after_commit: bool,
+    within: float = 10.0,
 ) -> bool:
-    """SIGKILL `victim` inside a store transaction, or just after one commits; False if neither was seen.
+    """Send `sig` to `victim` inside a store transaction, or just after one commits.
 
     The victim's PostgreSQL session (found by its application_name) shows an open transaction
-    while a batch is stored and turns idle at commit, before the acks go out.
+    while a batch is stored and turns idle at commit, before the acks go out. Returns False when
+    neither was seen within `within` seconds and the signal went out at a random point instead.
     """
     query = """SELECT xact_start IS NOT NULL FROM pg_stat_activity
                WHERE application_name = $1 AND backend_type = 'client backend'"""
@@ -136,14 +142,18 @@ async def kill_in_batch(
         deadline = time.monotonic() + within
         seen_open = False
         while time.monotonic() < deadline:
-            states = [bool(r[0]) for r in await conn.fetch(query, victim.application_name)]
-            open_now = any(states)
+            open_now = any(r[0] for r in await conn.fetch(query, victim.application_name))
             if (open_now and not after_commit) or (seen_open and after_commit and not open_now):
-                victim.signal(signal.SIGKILL)
-                await asyncio.to_thread(victim.kill)
+                victim.signal(sig)
                 return True
             seen_open = seen_open or open_now
             await asyncio.sleep(0.001)
-    victim.signal(signal.SIGKILL)
-    await asyncio.to_thread(victim.kill)
+    victim.signal(sig)
     return False
+
+
+async def kill_in_batch(pool: asyncpg.Pool, victim: ConsumerProcess, *, after_commit: bool) -> bool:
+    """SIGKILL `victim` inside a batch or between its commit and its acks, and reap it."""
+    landed = await strike_in_batch(pool, victim, signal.SIGKILL, after_commit=after_commit)
+    await asyncio.to_thread(victim.kill)
+    return landed
