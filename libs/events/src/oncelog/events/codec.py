@@ -87,13 +87,19 @@ def decode_message(
         body = _incoming.decode(data)
     except msgspec.ValidationError as exc:
         return Rejected(f"invalid event: {exc}")
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         return Rejected(f"not valid JSON: {exc}")
     except RecursionError:
         return Rejected("JSON is nested too deeply")
     if body.topic is not None and body.topic != topic:
         return Rejected(f"topic {body.topic!r} in the body disagrees with subject topic {topic!r}")
     payload = bytes(body.payload)
+    # The payload is kept raw (msgspec.Raw), so its strings are not checked while decoding;
+    # a byte sequence that is not UTF-8 would fail later, inside the store, and stall the batch.
+    try:
+        payload.decode()
+    except UnicodeDecodeError as exc:
+        return Rejected(f"not valid JSON: payload is not UTF-8 ({exc})")
     if (bad := payload_error(payload)) is not None:
         return Rejected(bad)
     return Decoded(
