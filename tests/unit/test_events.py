@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from oncelog.events import (
+    REJECTION_CODES,
     Decoded,
     Rejected,
     decode_message,
@@ -76,27 +77,29 @@ def test_decoder_accepts_a_matching_topic_and_ignores_unknown_fields() -> None:
 
 
 @pytest.mark.parametrize(
-    ("subject", "data", "reason"),
+    ("subject", "data", "reason", "code"),
     [
-        ("events.t", b"nope", "not valid JSON"),
-        ("events.t", b"[]", "invalid event"),
-        ("events.t", b"{}", "event_id"),
-        ("events.t", b'{"event_id": ""}', "event_id"),
-        ("events.t", b'{"event_id": "' + b"x" * 256 + b'"}', "event_id"),
-        ("events.t", b'{"event_id": "1", "source": 5}', "source"),
-        ("events.t", b'{"event_id": "1", "payload": "x"}', "payload must be a JSON object"),
-        ("events.t", b'{"event_id": "1", "topic": "u"}', "disagrees"),
-        ("events.t", b'{"event_id": "1", "topic": "a..b"}', "topic"),
-        ("events.t", b"   ", "empty body"),
-        ("events.bad$topic", b'{"event_id": "1"}', "subject"),
-        ("elsewhere.t", b'{"event_id": "1"}', "not under events"),
+        ("events.t", b"nope", "not valid JSON", "not_json"),
+        ("events.t", b"[]", "invalid event", "invalid_event"),
+        ("events.t", b"{}", "event_id", "invalid_event"),
+        ("events.t", b'{"event_id": ""}', "event_id", "invalid_event"),
+        ("events.t", b'{"event_id": "' + b"x" * 256 + b'"}', "event_id", "invalid_event"),
+        ("events.t", b'{"event_id": "1", "source": 5}', "source", "invalid_event"),
+        ("events.t", b'{"event_id": "1", "payload": "x"}', "payload must be", "payload_not_object"),
+        ("events.t", b'{"event_id": "1", "topic": "u"}', "disagrees", "topic_mismatch"),
+        ("events.t", b'{"event_id": "1", "topic": "a..b"}', "topic", "invalid_event"),
+        ("events.t", b"   ", "empty body", "empty"),
+        ("events.bad$topic", b'{"event_id": "1"}', "subject", "bad_subject"),
+        ("elsewhere.t", b'{"event_id": "1"}', "not under events", "bad_subject"),
     ],
 )
-def test_decoder_rejects_with_a_reason(subject: str, data: bytes, reason: str) -> None:
+def test_decoder_rejects_with_a_reason(subject: str, data: bytes, reason: str, code: str) -> None:
     """Every way a message can fail to be an event yields a rejection that says which."""
     result = decode_message(subject, data, NOW)
     assert isinstance(result, Rejected)
     assert reason in result.reason
+    assert result.code == code
+    assert code in REJECTION_CODES
 
 
 def test_decoder_rejects_oversize_messages() -> None:

@@ -3,6 +3,7 @@
 from oncelog.events.codec import (
     DEFAULT_SOURCE,
     MAX_EVENT_BYTES,
+    REJECTION_CODES,
     Decoded,
     Rejected,
     decode_message,
@@ -25,6 +26,7 @@ __all__ = [
     "DEFAULT_SOURCE",
     "MAX_EVENT_BYTES",
     "MAX_TOKEN_LEN",
+    "REJECTION_CODES",
     "Decoded",
     "Event",
     "EventId",

@@ -14,6 +14,7 @@ from oncelog.events.subjects import DEFAULT_PREFIX, topic_error, topic_from_subj
 __all__ = [
     "DEFAULT_SOURCE",
     "MAX_EVENT_BYTES",
+    "REJECTION_CODES",
     "Decoded",
     "Rejected",
     "decode_message",
@@ -23,6 +24,17 @@ __all__ = [
 ]
 
 DEFAULT_SOURCE: Final = "nats"
+REJECTION_CODES: Final = (
+    "bad_subject",
+    "too_large",
+    "empty",
+    "not_json",
+    "too_deep",
+    "invalid_event",
+    "topic_mismatch",
+    "payload_not_object",
+    "store_refused",
+)
 MAX_EVENT_BYTES: Final = 1024 * 1024
 
 _incoming = msgspec.json.Decoder(IncomingEvent)
@@ -40,9 +52,11 @@ class Decoded(msgspec.Struct, frozen=True):
 
 
 class Rejected(msgspec.Struct, frozen=True):
-    """A message that cannot become an event, with the reason in words."""
+    """A message that cannot become an event: the reason in words, and a short code from a
+    fixed set (see REJECTION_CODES) that metrics can use as a label."""
 
     reason: str
+    code: str = "invalid_event"
 
 
 def utc(value: datetime) -> datetime:
@@ -62,9 +76,9 @@ def _subject_topic(subject: str, prefix: str) -> str | Rejected:
     """Return the valid topic a subject carries; cached, since a stream repeats its subjects."""
     topic = topic_from_subject(subject, prefix)
     if topic is None:
-        return Rejected(f"subject {subject!r} is not under {prefix}.>")
+        return Rejected(f"subject {subject!r} is not under {prefix}.>", "bad_subject")
     if (bad := topic_error(topic)) is not None:
-        return Rejected(f"subject {subject!r}: {bad}")
+        return Rejected(f"subject {subject!r}: {bad}", "bad_subject")
     return topic
 
 
@@ -80,28 +94,31 @@ def decode_message(
     if isinstance(topic, Rejected):
         return topic
     if len(data) > max_bytes:
-        return Rejected(f"message is {len(data)} bytes, the limit is {max_bytes}")
+        return Rejected(f"message is {len(data)} bytes, the limit is {max_bytes}", "too_large")
     if not data.strip():
-        return Rejected("empty body: expected a JSON object with at least event_id")
+        return Rejected("empty body: expected a JSON object with at least event_id", "empty")
     try:
         body = _incoming.decode(data)
     except msgspec.ValidationError as exc:
-        return Rejected(f"invalid event: {exc}")
+        return Rejected(f"invalid event: {exc}", "invalid_event")
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        return Rejected(f"not valid JSON: {exc}")
+        return Rejected(f"not valid JSON: {exc}", "not_json")
     except RecursionError:
-        return Rejected("JSON is nested too deeply")
+        return Rejected("JSON is nested too deeply", "too_deep")
     if body.topic is not None and body.topic != topic:
-        return Rejected(f"topic {body.topic!r} in the body disagrees with subject topic {topic!r}")
+        return Rejected(
+            f"topic {body.topic!r} in the body disagrees with subject topic {topic!r}",
+            "topic_mismatch",
+        )
     payload = bytes(body.payload)
     # The payload is kept raw (msgspec.Raw), so its strings are not checked while decoding;
     # a byte sequence that is not UTF-8 would fail later, inside the store, and stall the batch.
     try:
         payload.decode()
     except UnicodeDecodeError as exc:
-        return Rejected(f"not valid JSON: payload is not UTF-8 ({exc})")
+        return Rejected(f"not valid JSON: payload is not UTF-8 ({exc})", "not_json")
     if (bad := payload_error(payload)) is not None:
-        return Rejected(bad)
+        return Rejected(bad, "payload_not_object")
     return Decoded(
         topic=topic,
         event_id=body.event_id,

@@ -74,6 +74,8 @@ class ConsumerSettings(CommonSettings, frozen=True, kw_only=True):
     fetch_timeout_seconds: PositiveFloat = 2.0
     metrics_port: Port = 9464
     metrics_host: str = "127.0.0.1"
+    # Topics beyond this many share the metric label value "_other".
+    topic_label_cap: Positive = 50
     consumer_id: str = ""
     retry_max_seconds: PositiveFloat = 30.0
     max_event_bytes: Positive = 1024 * 1024

@@ -20,14 +20,35 @@ from oncelog.platform.shutdown import shutdown_event
 _log = logging.getLogger("oncelog.consumer")
 
 
-async def _watch_lag(consumer: Consumer, stop: asyncio.Event) -> None:
-    """Export the durable's pending and ack-pending counts every few seconds."""
+async def _watch(consumer: Consumer, stop: asyncio.Event) -> None:
+    """Every few seconds, export the durable's lag, the stream's fill and the dependencies."""
     s = consumer.settings
+    m = consumer.metrics
     while not stop.is_set():
-        with contextlib.suppress(Exception):
-            info = await consumer.js.consumer_info(s.stream, s.durable)
-            consumer.metrics.pending.set(info.num_pending or 0)
-            consumer.metrics.ack_pending.set(info.num_ack_pending or 0)
+        try:
+            info = await consumer.js.consumer_info(s.stream, s.durable, timeout=2)
+            stream = await consumer.js.stream_info(s.stream)
+        except Exception:
+            m.dependency_up.labels("nats").set(0)
+        else:
+            m.dependency_up.labels("nats").set(1)
+            m.pending.set(info.num_pending or 0)
+            m.ack_pending.set(info.num_ack_pending or 0)
+            m.redelivered_pending.set(info.num_redelivered or 0)
+            m.stream_messages.set(stream.state.messages)
+            m.stream_bytes.set(stream.state.bytes)
+            m.stream_max_bytes.set(stream.config.max_bytes or 0)
+        try:
+            async with consumer.pool.acquire(timeout=2) as conn:
+                await conn.fetchval("SELECT 1", timeout=2)
+        except Exception:
+            m.dependency_up.labels("postgres").set(0)
+        else:
+            m.dependency_up.labels("postgres").set(1)
+        size = consumer.pool.get_size()
+        idle = consumer.pool.get_idle_size()
+        m.pool_connections.labels("in_use").set(size - idle)
+        m.pool_connections.labels("idle").set(idle)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 5)
 
@@ -51,7 +72,7 @@ async def serve(settings: ConsumerSettings) -> None:
                 settings,
                 nc,
                 pool,
-                ConsumerMetrics(registry),
+                ConsumerMetrics(registry, settings.topic_label_cap),
                 stats.shard_for(consumer_id),
             )
             server, thread = start_http_server(
@@ -65,7 +86,7 @@ async def serve(settings: ConsumerSettings) -> None:
                     "metrics_port": settings.metrics_port,
                 },
             )
-            watcher = asyncio.create_task(_watch_lag(consumer, stop))
+            watcher = asyncio.create_task(_watch(consumer, stop))
             try:
                 await consumer.run(stop)
             finally:

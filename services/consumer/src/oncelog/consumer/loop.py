@@ -7,6 +7,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -189,22 +190,40 @@ class Consumer:
 
     def _observe(self, items: list[Item], outcome: Outcome) -> None:
         m = self.metrics
-        m.received.inc(len(items))
-        m.batch_size.observe(len(items))
-        m.stored.inc(outcome.stored)
-        m.duplicates.labels("store").inc(outcome.duplicates)
-        m.dead.inc(outcome.dead)
+        now = time.time()
+        received: Counter[str] = Counter()
+        stored: Counter[str] = Counter()
+        dups: Counter[str] = Counter()
+        label = m.topic
+        for item in items:
+            topic = label(_topic_of(item))
+            received[topic] += 1
+            if item.seq in outcome.stored:
+                stored[topic] += 1
+            elif item.seq in outcome.duplicates:
+                dups[topic] += 1
+        for topic, n in received.items():
+            m.received.labels(topic).inc(n)
+        for topic, n in stored.items():
+            m.stored.labels(topic).inc(n)
+        for topic, n in dups.items():
+            m.duplicates.labels("store", topic).inc(n)
+        for code, n in Counter(outcome.dead.values()).items():
+            m.dead.labels(code).inc(n)
         m.redelivered.inc(outcome.redelivered)
         m.conflicting.inc(outcome.conflicting)
-        for age in outcome.duplicate_ages:
-            m.duplicate_age.observe(age)
+        m.batches.inc()
+        m.batch_size.observe(len(items))
+        m.last_commit.set(now)
+        m.latency.observe_many(now - item.received_at.timestamp() for item in items)
+        m.duplicate_age.observe_many(outcome.duplicate_ages)
         _log.info(
             "batch committed",
             extra={
                 "batch": len(items),
-                "stored": outcome.stored,
-                "duplicates": outcome.duplicates,
-                "dead_lettered": outcome.dead,
+                "stored": len(outcome.stored),
+                "duplicates": len(outcome.duplicates),
+                "dead_lettered": len(outcome.dead),
                 "redelivered": outcome.redelivered,
             },
         )
@@ -218,9 +237,25 @@ class Consumer:
                         "subject": item.subject,
                         "topic": result.topic if isinstance(result, Decoded) else None,
                         "event_id": result.event_id if isinstance(result, Decoded) else None,
-                        "decision": "decoded" if isinstance(result, Decoded) else "dead_lettered",
+                        "decision": _decision(item.seq, outcome),
                     },
                 )
+
+
+def _topic_of(item: Item) -> str:
+    if isinstance(item.result, Decoded):
+        return item.result.topic
+    return "_invalid"
+
+
+def _decision(seq: int, outcome: Outcome) -> str:
+    if seq in outcome.stored:
+        return "stored"
+    if seq in outcome.duplicates:
+        return "duplicate"
+    if seq in outcome.dead:
+        return "dead_lettered"
+    return "already_counted"
 
 
 async def ack_all(nc: Client, msgs: Sequence[Msg]) -> None:

@@ -4,47 +4,82 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from oncelog.platform.metrics import BulkHistogram, TopicLabels
+
 __all__ = ["ConsumerMetrics"]
+
+# Publish -> committed latency, in seconds; the target is p99 under 50 ms at steady load.
+LATENCY_BUCKETS = (
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+)
+# How old a dropped duplicate's original is: compare with the broker's duplicate window.
+AGE_BUCKETS = (1, 10, 30, 60, 120, 300, 900, 3600, 6 * 3600, 86400, 7 * 86400, 30 * 86400)
 
 
 class ConsumerMetrics:
-    """Counters and histograms one consumer replica exports."""
+    """What one consumer replica exports."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, topic_cap: int = 50) -> None:
+        self.topic = TopicLabels(topic_cap)
         self.received = Counter(
-            "oncelog_consumer_messages_total",
-            "Messages delivered to this replica, redeliveries included.",
+            "oncelog_events_received_total",
+            "Messages delivered and committed by this replica, first deliveries and redeliveries.",
+            ["topic"],
             registry=registry,
         )
         self.stored = Counter(
-            "oncelog_events_stored_total", "Events committed to the store.", registry=registry
+            "oncelog_events_stored_total",
+            "Events committed to the store.",
+            ["topic"],
+            registry=registry,
         )
         self.duplicates = Counter(
             "oncelog_duplicates_total",
             "Duplicates dropped, by the layer that dropped them.",
-            ["layer"],
+            ["layer", "topic"],
             registry=registry,
         )
         self.conflicting = Counter(
             "oncelog_conflicting_duplicates_total",
-            "Dropped duplicates whose payload differed from the stored copy.",
+            "Dropped duplicates whose payload differed from the stored copy (kept in duplicates).",
             registry=registry,
         )
         self.dead = Counter(
-            "oncelog_dead_letters_total", "Messages written to dead_letters.", registry=registry
+            "oncelog_dead_letters_total",
+            "Messages written to dead_letters, by reason.",
+            ["reason"],
+            registry=registry,
         )
         self.redelivered = Counter(
             "oncelog_redeliveries_total",
-            "Messages delivered more than once by JetStream.",
+            "Messages JetStream delivered more than once.",
             registry=registry,
+        )
+        self.batches = Counter(
+            "oncelog_batches_committed_total", "Batches committed and acked.", registry=registry
         )
         self.commit_failures = Counter(
             "oncelog_commit_failures_total",
-            "Batches whose transaction failed and was retried.",
+            "Batch transactions that failed and were retried.",
             registry=registry,
         )
         self.batch_size = Histogram(
-            "oncelog_batch_size",
+            "oncelog_batch_size_messages",
             "Messages per committed batch.",
             buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000),
             registry=registry,
@@ -55,19 +90,58 @@ class ConsumerMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=registry,
         )
-        self.duplicate_age = Histogram(
+        self.latency = BulkHistogram(
+            "oncelog_end_to_end_latency_seconds",
+            "Time from the broker receiving a message to its batch being committed.",
+            LATENCY_BUCKETS,
+            registry,
+        )
+        self.duplicate_age = BulkHistogram(
             "oncelog_duplicate_age_seconds",
-            "Time between the stored copy's arrival and a dropped duplicate's.",
-            buckets=(1, 10, 60, 120, 300, 900, 3600, 6 * 3600, 86400, 7 * 86400),
+            "Time between the stored copy's arrival and a dropped duplicate's arrival.",
+            AGE_BUCKETS,
+            registry,
+        )
+        self.last_commit = Gauge(
+            "oncelog_last_commit_timestamp_seconds",
+            "Unix time of this replica's last committed batch.",
             registry=registry,
         )
         self.pending = Gauge(
             "oncelog_consumer_pending_messages",
-            "Messages in the stream not yet delivered to the durable consumer.",
+            "Messages in the stream not yet delivered to the durable consumer (lag).",
             registry=registry,
         )
         self.ack_pending = Gauge(
             "oncelog_consumer_ack_pending_messages",
             "Messages delivered but not yet acknowledged.",
+            registry=registry,
+        )
+        self.redelivered_pending = Gauge(
+            "oncelog_consumer_redelivered_messages",
+            "Messages the durable is currently redelivering.",
+            registry=registry,
+        )
+        self.stream_messages = Gauge(
+            "oncelog_stream_messages", "Messages held by the stream.", registry=registry
+        )
+        self.stream_bytes = Gauge(
+            "oncelog_stream_bytes", "Bytes held by the stream.", registry=registry
+        )
+        self.stream_max_bytes = Gauge(
+            "oncelog_stream_max_bytes",
+            "The stream's byte limit; at it, publishes are refused.",
+            registry=registry,
+        )
+        self.dependency_up = Gauge(
+            "oncelog_dependency_up",
+            "1 when the dependency answered the last check, else 0.",
+            ["dependency"],
+            registry=registry,
+        )
+        self.pool_connections = Gauge(
+            "oncelog_db_pool_connections",
+            "PostgreSQL pool connections by state.",
+            ["state"],
             registry=registry,
         )

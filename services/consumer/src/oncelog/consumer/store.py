@@ -47,7 +47,8 @@ CROSS JOIN LATERAL (
 WHERE e.stream_seq <> (d.r->>0)::bigint
 ORDER BY 1
 ON CONFLICT (stream_seq) DO NOTHING
-RETURNING topic, same_payload, extract(epoch FROM received_at - first_received_at)::float8 AS age
+RETURNING topic, same_payload, extract(epoch FROM received_at - first_received_at)::float8 AS age,
+          stream_seq
 """
 
 _INSERT_DEAD = """
@@ -55,7 +56,7 @@ INSERT INTO dead_letters (stream_seq, subject, topic, headers, raw, raw_size, re
 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[], $6::int[],
                      $7::text[], $8::timestamptz[])
 ON CONFLICT (stream_seq) DO NOTHING
-RETURNING topic
+RETURNING topic, stream_seq
 """
 
 # Rows are sorted by topic so concurrent writers that share a shard lock rows in one order.
@@ -99,16 +100,18 @@ class Item(msgspec.Struct):
 
 
 class Outcome(msgspec.Struct):
-    """What a committed batch did, for metrics and logs."""
+    """What a committed batch did, for metrics and logs.
 
-    stored: int = 0
-    duplicates: int = 0
-    dead: int = 0
+    `stored`, `duplicates` and `dead` hold stream sequences; a message in none of them was a
+    redelivery of one already counted. `dead` maps to the rejection code.
+    """
+
+    stored: set[int] = msgspec.field(default_factory=set)
+    duplicates: set[int] = msgspec.field(default_factory=set)
+    dead: dict[int, str] = msgspec.field(default_factory=dict)
     redelivered: int = 0
-    replayed: int = 0
     conflicting: int = 0
     duplicate_ages: list[float] = msgspec.field(default_factory=list)
-    dead_reasons: list[str] = msgspec.field(default_factory=list)
 
 
 class _Counts:
@@ -176,15 +179,15 @@ async def _store(conn: Conn, items: list[Item], shard: int, unstorable: dict[int
     outcome = Outcome()
     counts: defaultdict[str, _Counts] = defaultdict(_Counts)
     valid: list[tuple[Item, Decoded]] = []
-    dead: list[tuple[Item, str]] = []
+    dead: list[tuple[Item, Rejected]] = []
     for item in items:
         if item.delivered > 1:
             counts[_topic_key(item)].redelivered += 1
             outcome.redelivered += 1
         if isinstance(item.result, Rejected):
-            dead.append((item, item.result.reason))
+            dead.append((item, item.result))
         elif item.seq in unstorable:
-            dead.append((item, unstorable[item.seq]))
+            dead.append((item, Rejected(unstorable[item.seq], "store_refused")))
         else:
             valid.append((item, item.result))
     # One key order for every writer, so two consumers racing on the same keys cannot deadlock.
@@ -231,11 +234,12 @@ async def _insert_events(
                     msgspec.Raw(event.payload),
                 )
             )
-    outcome.stored = len(inserted)
+    outcome.stored = inserted
     if not rest:
         return
     dups = await conn.fetch(_INSERT_DUPLICATES, _encode(rest).decode())
-    for topic, same_payload, age in dups:
+    for topic, same_payload, age, seq in dups:
+        outcome.duplicates.add(seq)
         c = counts[topic]
         c.received += 1
         c.dups += 1
@@ -243,13 +247,11 @@ async def _insert_events(
             c.conflicting += 1
             outcome.conflicting += 1
         outcome.duplicate_ages.append(max(age, 0.0))
-    outcome.duplicates = len(dups)
-    outcome.replayed = len(rest) - len(dups)
 
 
 async def _insert_dead(
     conn: Conn,
-    dead: list[tuple[Item, str]],
+    dead: list[tuple[Item, Rejected]],
     counts: defaultdict[str, _Counts],
     outcome: Outcome,
 ) -> None:
@@ -262,15 +264,15 @@ async def _insert_dead(
         [_headers_encoder.encode(item.headers or {}).decode() for item, _ in dead],
         [item.data[:DEAD_RAW_LIMIT] for item, _ in dead],
         [len(item.data) for item, _ in dead],
-        [reason for _, reason in dead],
+        [rejected.reason for _, rejected in dead],
         [item.received_at for item, _ in dead],
     )
-    for row in rows:
-        c = counts[row["topic"]]
+    codes = {item.seq: rejected.code for item, rejected in dead}
+    for topic, seq in rows:
+        c = counts[topic]
         c.received += 1
         c.dead += 1
-    outcome.dead = len(rows)
-    outcome.dead_reasons = [reason for _, reason in dead][: len(rows)]
+        outcome.dead[seq] = codes[seq]
 
 
 async def _upsert_stats(conn: Conn, counts: dict[str, _Counts], shard: int) -> None:
