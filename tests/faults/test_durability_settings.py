@@ -35,7 +35,7 @@ def test_the_shipped_nats_config_syncs_every_write_before_acking(
     config = repo_root / "deploy/nats/nats.conf"
     with NatsServer(tmp_path / "nats", config_file=config) as server:
         url = f"http://127.0.0.1:{server.monitor_port}/varz"
-        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback URL
+        with urllib.request.urlopen(url, timeout=5) as resp:
             varz = json.loads(resp.read())
     assert varz["jetstream"]["config"]["sync_always"] is True
     assert varz["max_payload"] == 1024 * 1024

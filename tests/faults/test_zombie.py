@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from faults.procs import Fleet, fault_settings
+from faults.procs import ConsumerProcess, Fleet, fault_settings
 from faults.scenario import Scenario, strike_in_batch
 from helpers import wait_until
 from oncelog.platform.settings import ConsumerSettings
@@ -33,7 +33,9 @@ async def test_a_consumer_frozen_past_ack_wait_wakes_up_without_double_storing(
             stopped = time.monotonic()
             await strike_in_batch(scenario.pool, zombie, signal.SIGSTOP, after_commit=round_ == 1)
 
-            async def taken_over(before: float = before, stopped: float = stopped) -> bool:
+            async def taken_over(
+                other: ConsumerProcess = other, before: float = before, stopped: float = stopped
+            ) -> bool:
                 """Whether ack_wait passed twice and the other replica got the zombie's batch."""
                 if time.monotonic() - stopped < 2 * s.ack_wait_seconds:
                     return False
