@@ -1,0 +1,124 @@
+"""API protection and metrics: API keys, the per-client rate limit, /metrics."""
+
+from __future__ import annotations
+
+import re
+
+from nats.js import JetStreamContext
+
+from helpers import api_client
+from oncelog.platform.settings import ConsumerSettings
+
+EVENT = {"topic": "guarded", "event_id": "1"}
+
+
+async def test_api_keys_guard_publish_and_read_routes(
+    settings: ConsumerSettings, js: JetStreamContext
+) -> None:
+    """With API_KEYS_PUBLISH and API_KEYS_READ set, write and read routes answer 401 in the one
+    error shape unless X-API-Key holds a key of their list; operations routes stay open."""
+    async with api_client(
+        settings,
+        api_keys_publish="pub-1, pub-2",
+        api_keys_read="read-1",
+        rate_limit_per_second=0,
+    ) as c:
+        for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": "read-1"}):
+            resp = await c.post("/publish", json=EVENT, headers=headers)
+            assert resp.status_code == 401, headers
+            body = resp.json()
+            assert body["status_code"] == 401
+            assert "X-API-Key" in body["detail"]
+            assert resp.headers["www-authenticate"] == "X-API-Key"
+        for key in ("pub-1", "pub-2"):
+            resp = await c.post("/publish", json=EVENT, headers={"X-API-Key": key})
+            assert resp.status_code == 202, resp.text
+        for path in ("/events", "/stats", "/topics", "/dead-letters", "/queue/stats"):
+            assert (await c.get(path)).status_code == 401, path
+            assert (await c.get(path, headers={"X-API-Key": "pub-1"})).status_code == 401, path
+            ok = await c.get(path, headers={"X-API-Key": "read-1"})
+            assert ok.status_code == 200, (path, ok.text)
+        replay = await c.post("/dead-letters/1/replay", headers={"X-API-Key": "read-1"})
+        assert replay.status_code == 401
+        for path in ("/health", "/ready", "/metrics", "/schema/openapi.json"):
+            assert (await c.get(path)).status_code == 200, path
+
+
+async def test_routes_are_open_without_keys(
+    settings: ConsumerSettings, js: JetStreamContext
+) -> None:
+    """Without configured keys every route is open, whatever X-API-Key says."""
+    async with api_client(settings, rate_limit_per_second=0) as c:
+        resp = await c.post("/publish", json=EVENT, headers={"X-API-Key": "anything"})
+        assert resp.status_code == 202
+        assert (await c.get("/stats")).status_code == 200
+
+
+async def test_rate_limit_is_a_token_bucket_per_client(
+    settings: ConsumerSettings, js: JetStreamContext
+) -> None:
+    """Past its burst a client gets 429 with Retry-After in the error shape; another API key has
+    its own bucket, and X-Forwarded-For does not make a new client."""
+    async with api_client(
+        settings,
+        rate_limit_per_second=0.5,
+        rate_limit_burst=3,
+        api_keys_read="k1,k2",
+    ) as c:
+        # Waiting for readiness used /ready, which is not rate limited.
+        codes = [(await c.get("/stats", headers={"X-API-Key": "k1"})).status_code for _ in range(4)]
+        assert codes == [200, 200, 200, 429]
+        limited = await c.get("/stats", headers={"X-API-Key": "k1"})
+        assert limited.status_code == 429
+        assert int(limited.headers["retry-after"]) >= 1
+        assert limited.json()["status_code"] == 429
+        assert (await c.get("/stats", headers={"X-API-Key": "k2"})).status_code == 200
+        # Unknown keys share their socket address's bucket, so inventing keys does not help.
+        codes = [
+            (await c.get("/stats", headers={"X-API-Key": f"fake-{i}"})).status_code
+            for i in range(4)
+        ]
+        assert codes[-1] == 429
+        spoofed = await c.get(
+            "/stats", headers={"X-API-Key": "fake", "X-Forwarded-For": "203.0.113.9"}
+        )
+        assert spoofed.status_code == 429
+        assert (await c.get("/health")).status_code == 200
+
+
+async def test_metrics_count_by_route_template(
+    settings: ConsumerSettings, js: JetStreamContext
+) -> None:
+    """/metrics exports request counts and durations labelled with the route template, never
+    the raw path, plus pool, gateway and broker-duplicate metrics."""
+    async with api_client(settings, rate_limit_per_second=0) as c:
+        assert (await c.post("/publish", json=EVENT)).status_code == 202
+        assert (await c.post("/publish", json=[EVENT, EVENT])).status_code == 202
+        await c.get("/events/guarded/1")
+        await c.get("/events/other/2")
+        await c.get("/no/such/route")
+        await c.get("/events", params={"limit": "5000"})
+        resp = await c.get("/metrics")
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/plain")
+        text = resp.text
+
+    def value(pattern: str) -> float:
+        match = re.search("^" + re.escape(pattern) + r" (\S+)$", text, re.MULTILINE)
+        assert match, pattern
+        return float(match[1])
+
+    route = 'route="/events/{topic}/{event_id}"'
+    assert value(f'oncelog_http_requests_total{{method="GET",{route},status="404"}}') == 2
+    assert value(f'oncelog_http_request_duration_seconds_count{{method="GET",{route}}}') == 2
+    assert "guarded" not in "".join(
+        line for line in text.splitlines() if line.startswith("oncelog_http")
+    )
+    assert value('oncelog_http_requests_total{method="POST",route="/publish",status="202"}') == 2
+    assert value('oncelog_http_requests_total{method="GET",route="/events",status="422"}') == 1
+    assert value('oncelog_http_requests_total{method="GET",route="unmatched",status="404"}') == 1
+    assert value("oncelog_gateway_events_published_total") == 3
+    assert value('oncelog_duplicates_total{layer="broker"}') == 2
+    assert value("oncelog_gateway_publish_failures_total") == 0
+    assert value('oncelog_db_pool_connections{state="in_use"}') >= 0
+    assert value('oncelog_db_pool_connections{state="idle"}') >= 0
