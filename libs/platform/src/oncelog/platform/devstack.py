@@ -21,7 +21,14 @@ import asyncpg
 import nats
 
 from oncelog.platform import broker, db, log
-from oncelog.platform.embedded import NatsServer, PostgresServer, die_with_parent
+from oncelog.platform.embedded import (
+    EmbeddedError,
+    NatsServer,
+    PostgresServer,
+    PrometheusServer,
+    die_with_parent,
+    prometheus_config,
+)
 from oncelog.platform.settings import CommonSettings, load
 
 __all__ = ["main"]
@@ -61,6 +68,26 @@ async def _prepare(postgres_url: str, settings: CommonSettings, create_db: bool)
         await nc.close()
 
 
+def _start_prometheus(data: Path, replicas: int, metrics_port: int, api: str) -> PrometheusServer:
+    """Run Prometheus on PROMETHEUS_PORT (9090) scraping every replica and the API."""
+    rules = Path("deploy/prometheus/alerts.yml").resolve()
+    config = data / "prometheus.yml"
+    config.write_text(
+        prometheus_config(
+            {
+                "oncelog-consumer": [f"127.0.0.1:{metrics_port + i}" for i in range(replicas)],
+                "oncelog-api": [api],
+            },
+            rules=[rules] if rules.exists() else None,
+        )
+    )
+    server = PrometheusServer(data / "prometheus", config, port=_env_int("PROMETHEUS_PORT", 9090))
+    try:
+        return server.start()
+    except EmbeddedError as exc:
+        sys.exit(f"--observability: {exc}")
+
+
 def _spawn(module: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(  # noqa: S603 - runs this interpreter on oncelog's own modules
         [sys.executable, "-m", module],
@@ -82,10 +109,52 @@ def _stop_all(children: list[subprocess.Popen[bytes]], timeout: float = 30.0) ->
             child.wait()
 
 
+Server = NatsServer | PostgresServer | PrometheusServer
+
+
+def _start_servers(data: Path, env: dict[str, str], servers: list[Server]) -> None:
+    """Start embedded NATS and PostgreSQL unless NATS_URL/DATABASE_URL name external ones."""
+    if "NATS_URL" not in env:
+        nats_server = NatsServer(
+            data / "nats",
+            port=_env_int("NATS_PORT", 4222),
+            monitor_port=_env_int("NATS_MONITOR_PORT", 8222),
+        ).start()
+        servers.append(nats_server)
+        env["NATS_URL"] = nats_server.url
+    postgres_url = ""
+    if "DATABASE_URL" not in env:
+        postgres = PostgresServer(data / "postgres", port=_env_int("PG_PORT", 5432)).start()
+        servers.append(postgres)
+        postgres_url = postgres.url()
+        env["DATABASE_URL"] = postgres.url(DATABASE)
+    asyncio.run(_prepare(postgres_url, load(CommonSettings, env), create_db=bool(postgres_url)))
+
+
+def _start_services(
+    env: dict[str, str], replicas: int, metrics_port: int
+) -> list[subprocess.Popen[bytes]]:
+    """Run the consumer replicas (metrics on consecutive ports) and the API."""
+    children = [
+        _spawn(
+            "oncelog.consumer",
+            env | {"METRICS_PORT": str(metrics_port + i), "CONSUMER_ID": f"replica-{i}"},
+        )
+        for i in range(replicas)
+    ]
+    children.append(_spawn("oncelog.api", env))
+    return children
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the whole stack until interrupted."""
     parser = argparse.ArgumentParser(prog="just up", description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", type=int, default=_env_int("CONSUMER_REPLICAS", 1))
+    parser.add_argument(
+        "--observability",
+        action="store_true",
+        help="also run Prometheus (the system's `prometheus` binary) scraping the stack",
+    )
     args = parser.parse_args(argv)
     log.setup(os.environ.get("LOG_LEVEL", "INFO"), "devstack")
     logging.getLogger("oncelog").setLevel(logging.INFO)
@@ -93,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     data = Path(os.environ.get("ONCELOG_DATA_DIR", ".data")).resolve()
     data.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    servers: list[NatsServer | PostgresServer] = []
+    servers: list[Server] = []
+    children: list[subprocess.Popen[bytes]] = []
     stop_requested = False
 
     def request_stop(signum: int, frame: object) -> None:
@@ -102,43 +172,21 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    children: list[subprocess.Popen[bytes]] = []
     try:
-        if "NATS_URL" not in env:
-            nats_server = NatsServer(
-                data / "nats",
-                port=_env_int("NATS_PORT", 4222),
-                monitor_port=_env_int("NATS_MONITOR_PORT", 8222),
-            ).start()
-            servers.append(nats_server)
-            env["NATS_URL"] = nats_server.url
-        postgres_url = ""
-        if "DATABASE_URL" not in env:
-            postgres = PostgresServer(data / "postgres", port=_env_int("PG_PORT", 5432)).start()
-            servers.append(postgres)
-            postgres_url = postgres.url()
-            env["DATABASE_URL"] = postgres.url(DATABASE)
-        settings = load(CommonSettings, env)
-        asyncio.run(_prepare(postgres_url, settings, create_db=bool(postgres_url)))
-
+        _start_servers(data, env, servers)
         metrics_port = _env_int("METRICS_PORT", 9464)
-        for replica in range(args.replicas):
-            children.append(
-                _spawn(
-                    "oncelog.consumer",
-                    env
-                    | {
-                        "METRICS_PORT": str(metrics_port + replica),
-                        "CONSUMER_ID": f"replica-{replica}",
-                    },
-                )
-            )
-        children.append(_spawn("oncelog.api", env))
-        api = f"http://{env.get('API_HOST', '127.0.0.1')}:{env.get('API_PORT', '8080')}"
+        children = _start_services(env, args.replicas, metrics_port)
+        api_address = f"{env.get('API_HOST', '127.0.0.1')}:{env.get('API_PORT', '8080')}"
+        extra = ""
+        if args.observability:
+            prometheus = _start_prometheus(data, args.replicas, metrics_port, api_address)
+            servers.append(prometheus)
+            extra = f", Prometheus {prometheus.url}"
         sys.stderr.write(
-            f"\noncelog is up: API {api} (OpenAPI at {api}/schema), NATS {env['NATS_URL']}, "
+            f"\noncelog is up: API http://{api_address} (OpenAPI at /schema), NATS {env['NATS_URL']}, "
             f"PostgreSQL {env['DATABASE_URL']}, consumer metrics on port {metrics_port}"
-            f"{'+' if args.replicas > 1 else ''}.\nPublish with `just publish`; Ctrl-C stops everything.\n\n"
+            f"{'+' if args.replicas > 1 else ''}{extra}.\n"
+            "Publish with `just publish`; Ctrl-C stops everything.\n\n"
         )
         while not stop_requested:
             if any(child.poll() is not None for child in children):

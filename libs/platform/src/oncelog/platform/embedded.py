@@ -25,10 +25,12 @@ __all__ = [
     "EmbeddedError",
     "NatsServer",
     "PostgresServer",
+    "PrometheusServer",
     "die_with_parent",
     "free_port",
     "nats_server_binary",
     "postgres_bin_dir",
+    "prometheus_config",
 ]
 
 _log = logging.getLogger("oncelog.embedded")
@@ -349,3 +351,88 @@ class PostgresServer(_Server):
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class PrometheusServer(_Server):
+    """A Prometheus (from the system's package, e.g. Debian's `prometheus`) on loopback."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        config_file: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.data_dir = data_dir
+        self.config_file = config_file
+        self.host = host
+        self.port = port or free_port(host)
+        self.log_file = data_dir.parent / f"{data_dir.name}.log"
+
+    @staticmethod
+    def binary() -> Path | None:
+        """Return the prometheus binary on PATH, or None when it is not installed."""
+        found = shutil.which("prometheus")
+        return Path(found) if found else None
+
+    @property
+    def url(self) -> str:
+        """Return the HTTP base URL."""
+        return f"http://{self.host}:{self.port}"
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:  # noqa: S310
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def start(self, timeout: float = 30.0) -> Self:
+        """Start Prometheus and wait until it reports ready."""
+        binary = self.binary()
+        if binary is None:
+            raise EmbeddedError("prometheus is not installed (Debian: apt-get install prometheus)")
+        if _port_busy(self.host, self.port):
+            raise EmbeddedError(f"port {self.port} on {self.host} is in use; choose another one")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            str(binary),
+            f"--config.file={self.config_file}",
+            f"--storage.tsdb.path={self.data_dir}",
+            f"--web.listen-address={self.host}:{self.port}",
+            "--web.enable-lifecycle",
+        ]
+        self._spawn(argv, self.log_file, signal.SIGTERM, None)
+        assert self.proc is not None
+        _wait(self._ready, self.proc, "prometheus", self.log_file, timeout)
+        _log.info("prometheus ready", extra={"url": self.url})
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop Prometheus gracefully."""
+        self._stop(signal.SIGTERM, timeout)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def prometheus_config(
+    targets: dict[str, list[str]], interval: str = "5s", rules: list[Path] | None = None
+) -> str:
+    """Return a Prometheus configuration scraping `targets` (job name -> host:port list)."""
+    lines = ["global:", f"  scrape_interval: {interval}", f"  evaluation_interval: {interval}"]
+    if rules:
+        lines.append("rule_files:")
+        lines += [f"  - {path}" for path in rules]
+    lines.append("scrape_configs:")
+    for job, hosts in targets.items():
+        lines += [
+            f"  - job_name: {job}",
+            "    static_configs:",
+            f"      - targets: [{', '.join(repr(h) for h in hosts)}]",
+        ]
+    return "\n".join(lines) + "\n"
