@@ -12,6 +12,14 @@ default:
 up *args:
     {{python}} -m oncelog.platform.devstack {{args}}
 
+# run the stack on a local three-node NATS cluster with R3 streams (ports 4222-4224)
+up-cluster *args:
+    {{python}} -m oncelog.platform.cluster {{args}}
+
+# measure the drain rate with 1, 2 and 4 consumer replicas (e.g. `just bench-scaling --events 200000`)
+bench-scaling *args:
+    {{python}} bench/scaling.py {{args}}
+
 # publish generated events to the running stack (e.g. `just publish --count 10000`)
 publish *args:
     {{python}} -m oncelog.publisher {{args}}
