@@ -32,6 +32,10 @@ test *args:
 test-faults *args:
     uv run --frozen pytest tests/faults -m "faults" {{args}}
 
+# benchmark throughput, latency, queries and memory (`--quick` for a one-minute smoke run)
+bench *args:
+    {{python}} bench/run.py {{args}}
+
 # format the code
 fmt:
     uv run --frozen ruff format .
@@ -41,7 +45,7 @@ fmt:
 lint:
     uv run --frozen ruff format --check .
     uv run --frozen ruff check .
-    uv run --frozen mypy libs services tests
+    uv run --frozen mypy libs services tests bench
 
 # what CI runs: lint, then the tests
 check: lint test

@@ -1,0 +1,549 @@
+"""`just bench`: oncelog's throughput, latency, query speed and memory on this machine.
+
+Runs everything on the embedded stack (nats-server and PostgreSQL from their wheels, fsync on)
+and prints a table; JSON and a PNG plot go to the results folder. `--quick` shrinks every
+scenario to finish in about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import nats
+
+from oncelog.platform import broker, db
+from oncelog.platform.embedded import NatsServer, PostgresServer, free_port
+from oncelog.platform.settings import CommonSettings, load
+
+TOPICS = 8
+PAYLOAD = {"user": 1234, "action": "login", "ok": True, "ip": "10.0.0.1", "agent": "bench/1.0"}
+
+
+@dataclass
+class Stack:
+    """Embedded servers of one scenario and the environment services need to reach them."""
+
+    nats: NatsServer
+    postgres: PostgresServer
+    settings: CommonSettings
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return (
+            dict(os.environ)
+            | {
+                "NATS_URL": self.nats.url,
+                "DATABASE_URL": self.settings.database_url,
+                "STREAM_MAX_BYTES": str(self.settings.stream_max_bytes),
+                "LOG_LEVEL": "WARNING",
+            }
+            | extra
+        )
+
+    def spawn(self, module: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], env=self.env(**env))  # noqa: S603
+        self.procs.append(proc)
+        return proc
+
+    def stop_services(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            proc.wait(60)
+        self.procs.clear()
+
+
+@contextmanager
+def stack(root: Path, sync_always: bool = False) -> Iterator[Stack]:
+    """Start nats-server and PostgreSQL in `root`, migrated and provisioned."""
+    root.mkdir(parents=True, exist_ok=True)
+    config = None
+    if sync_always:
+        config = root / "nats.conf"
+        config.write_text("jetstream { sync_interval: always }\n")
+    nats_server = NatsServer(root / "nats", config_file=config).start()
+    postgres = PostgresServer(
+        root / "pg", settings={"shared_buffers": "512MB", "max_wal_size": "4GB"}
+    ).start()
+    settings = load(
+        CommonSettings,
+        {},
+        nats_url=nats_server.url,
+        database_url=postgres.url("oncelog"),
+        stream_max_bytes=16 * 1024**3,
+    )
+    s = Stack(nats_server, postgres, settings)
+    try:
+        asyncio.run(_prepare(s))
+        yield s
+    finally:
+        s.stop_services()
+        nats_server.stop()
+        postgres.stop()
+
+
+async def _prepare(s: Stack) -> None:
+    admin = await asyncpg.connect(s.postgres.url())
+    await admin.execute("CREATE DATABASE oncelog")
+    await admin.close()
+    conn = await asyncpg.connect(s.settings.database_url)
+    await db.migrate(conn)
+    await conn.close()
+    nc = await nats.connect(s.nats.url)
+    js = nc.jetstream()
+    await broker.ensure_stream(js, s.settings)
+    await broker.ensure_consumer(js, s.settings)
+    await nc.close()
+
+
+def events(count: int, dup_rate: float, seed: int) -> tuple[list[tuple[str, str, bytes]], int]:
+    """Return (topic, event_id, body) for `count` messages, `dup_rate` of them repeats."""
+    rng = random.Random(seed)
+    out: list[tuple[str, str, bytes]] = []
+    unique = 0
+    for n in range(count):
+        if out and rng.random() < dup_rate:
+            out.append(out[rng.randrange(len(out))])
+            continue
+        topic = f"bench.t{rng.randrange(TOPICS)}"
+        event_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        body = json.dumps(
+            {
+                "event_id": event_id,
+                "source": "bench",
+                "timestamp": datetime.now(UTC).isoformat(),
+                "payload": PAYLOAD | {"n": n},
+            }
+        ).encode()
+        out.append((topic, event_id, body))
+        unique += 1
+    return out, unique
+
+
+async def preload(s: Stack, count: int, dup_rate: float, seed: int = 1) -> tuple[int, float]:
+    """Fill the stream with a backlog; return (unique events, publish rate)."""
+    msgs, unique = events(count, dup_rate, seed)
+    nc = await nats.connect(s.nats.url, pending_size=64 * 1024**2)
+    js = nc.jetstream()
+    started = time.monotonic()
+    # Copies carry no Nats-Msg-Id here, so every duplicate reaches the store layer, the
+    # expensive path; JetStream acks are awaited in windows so the backlog is durable.
+    window = 2000
+    for i in range(0, len(msgs), window):
+        futures = [await js.publish_async(f"events.{t}", b) for t, _, b in msgs[i : i + window]]
+        await asyncio.gather(*futures)
+    rate = count / (time.monotonic() - started)
+    await nc.close()
+    return unique, rate
+
+
+async def stats(dsn: str) -> tuple[int, int]:
+    """Return (received, stored) from the statistics."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow(
+            "SELECT coalesce(sum(received),0)::bigint, coalesce(sum(stored),0)::bigint FROM topic_stats"
+        )
+        assert row is not None
+        return int(row[0]), int(row[1])
+    finally:
+        await conn.close()
+
+
+def peak_rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0.0
+
+
+async def wait_received(
+    s: Stack, target: int, procs: list[subprocess.Popen[bytes]], limit: float = 1800
+) -> tuple[float, float, int]:
+    """Poll until `target` messages are counted; return (first seen, done, count at first)."""
+    first: tuple[float, int] | None = None
+    deadline = time.monotonic() + limit
+    while True:
+        got, _ = await stats(s.settings.database_url)
+        now = time.monotonic()
+        if got and first is None:
+            first = (now, got)
+        if got >= target:
+            assert first is not None
+            return first[0], now, first[1]
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("a service exited during the benchmark")
+        if now > deadline:
+            raise RuntimeError(f"only {got} of {target} counted after {limit}s")
+        await asyncio.sleep(0.05)
+
+
+async def drain(s: Stack, count: int, replicas: int = 1) -> dict[str, Any]:
+    """Time consumers storing the whole backlog: from the first count to the last."""
+    procs = [
+        s.spawn("oncelog.consumer", METRICS_PORT=str(free_port()), CONSUMER_ID=f"bench-{i}")
+        for i in range(replicas)
+    ]
+    t0, t1, at_first = await wait_received(s, count, procs)
+    rss = max(peak_rss_mib(p.pid) for p in procs)
+    s.stop_services()
+    return {
+        "events_per_second": round((count - at_first) / (t1 - t0)),
+        "seconds": round(t1 - t0, 2),
+        "consumer_peak_rss_mib": rss,
+    }
+
+
+async def live(s: Stack, count: int) -> dict[str, Any]:
+    """Publisher and consumer together: from the publisher's start to the last event stored."""
+    consumer = s.spawn("oncelog.consumer", METRICS_PORT=str(free_port()))
+    await asyncio.sleep(1.0)  # let the consumer bind before the clock starts
+    started = time.monotonic()
+    publisher = s.spawn(
+        "oncelog.publisher",
+        "--count",
+        str(count),
+        "--dup-rate",
+        "0.3",
+        "--replay-old",
+        "0",
+        "--topics",
+        str(TOPICS),
+        "--inflight",
+        "2048",
+        "--quiet",
+        "--seed",
+        "3",
+    )
+    _, t1, _ = await wait_received(s, count, [consumer])
+    publisher.wait(60)
+    s.stop_services()
+    return {"events_per_second": round(count / (t1 - started)), "seconds": round(t1 - started, 2)}
+
+
+async def http_ingest(s: Stack, count: int, clients: int = 8, batch: int = 100) -> dict[str, Any]:
+    """POST /publish in batches from concurrent clients; e2e until every message is counted."""
+    port = free_port()
+    procs = [
+        s.spawn("oncelog.consumer", METRICS_PORT=str(free_port())),
+        s.spawn("oncelog.api", API_PORT=str(port), RATE_LIMIT_PER_SECOND="0"),
+    ]
+    base = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if (await client.get("/ready")).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the API did not become ready")
+            await asyncio.sleep(0.2)
+        msgs, _ = events(count, 0.3, seed=5)
+        bodies = [
+            [json.loads(b) | {"topic": t} for t, _, b in msgs[i : i + batch]]
+            for i in range(0, len(msgs), batch)
+        ]
+        queue = list(reversed(bodies))
+        statuses: dict[int, int] = {}
+
+        async def worker() -> None:
+            while queue:
+                body = queue.pop()
+                resp = await client.post("/publish", json={"events": body})
+                statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
+
+        started = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        accepted = time.monotonic() - started
+        _, t1, _ = await wait_received(s, count, procs)
+    api_rss = peak_rss_mib(procs[1].pid)
+    s.stop_services()
+    return {
+        "events_per_second": round(count / (t1 - started)),
+        "accepted_per_second": round(count / accepted),
+        "statuses": statuses,
+        "api_peak_rss_mib": api_rss,
+    }
+
+
+def histogram(text: str, name: str) -> list[tuple[float, float]]:
+    """Return (upper bound, cumulative count) pairs of a histogram in Prometheus text."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith(f"{name}_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            out.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    return out
+
+
+def quantile(q: float, buckets: list[tuple[float, float]]) -> float:
+    """histogram_quantile: linear interpolation inside the bucket holding the q-th rank."""
+    total = buckets[-1][1]
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for upper, cumulative in buckets:
+        if cumulative >= rank:
+            if upper == float("inf"):
+                return lower
+            return lower + (upper - lower) * (rank - below) / max(cumulative - below, 1e-9)
+        lower, below = upper, cumulative
+    return lower
+
+
+async def latency(s: Stack, rate: int, seconds: int) -> dict[str, Any]:
+    """Publish at a fixed rate; publish -> committed quantiles from the consumer's histogram."""
+    port = free_port()
+    consumer = s.spawn("oncelog.consumer", METRICS_PORT=str(port))
+    await asyncio.sleep(1.5)
+    count = rate * seconds
+    publisher = s.spawn(
+        "oncelog.publisher",
+        "--count",
+        str(count),
+        "--rate",
+        str(rate),
+        "--dup-rate",
+        "0",
+        "--topics",
+        str(TOPICS),
+        "--quiet",
+        "--seed",
+        "9",
+    )
+    await wait_received(s, count, [consumer])
+    publisher.wait(60)
+    async with httpx.AsyncClient(timeout=5) as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    buckets = histogram(text, "oncelog_end_to_end_latency_seconds")
+    conn = await asyncpg.connect(s.settings.database_url)
+    lags = [
+        r[0]
+        for r in await conn.fetch(
+            "SELECT extract(epoch FROM stored_at - received_at)::float8 FROM events WHERE source = 'publisher'"
+        )
+    ]
+    await conn.close()
+    lags.sort()
+    s.stop_services()
+    return {
+        "offered_per_second": rate,
+        "p50_ms": round(quantile(0.5, buckets) * 1000, 1),
+        "p99_ms": round(quantile(0.99, buckets) * 1000, 1),
+        "db_p50_ms": round(lags[len(lags) // 2] * 1000, 1),
+        "db_p99_ms": round(lags[int(len(lags) * 0.99)] * 1000, 1),
+    }
+
+
+async def queries(s: Stack, requests: int) -> dict[str, Any]:
+    """Time /events?topic=X&limit=100 (first and later pages) and /stats with the backlog stored."""
+    port = free_port()
+    api = s.spawn("oncelog.api", API_PORT=str(port), RATE_LIMIT_PER_SECOND="0")
+    out: dict[str, Any] = {}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if (await client.get("/ready")).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the API did not become ready")
+            await asyncio.sleep(0.2)
+        for name, path in (
+            ("events", "/events?topic=bench.t3&limit=100"),
+            ("stats", "/stats"),
+            ("events_desc", "/events?topic=bench.t5&limit=100&order=desc"),
+        ):
+            await client.get(path)  # warm the connection and the statement cache
+            times = []
+            next_url = path
+            for _ in range(requests):
+                t = time.perf_counter()
+                resp = await client.get(next_url)
+                times.append(time.perf_counter() - t)
+                assert resp.status_code == 200, resp.text
+                link = resp.headers.get("link")
+                # Walk the pages (keyset pagination), restarting at the end.
+                next_url = link.split(">")[0].lstrip("<") if link else path
+            times.sort()
+            out[name] = {
+                "p50_ms": round(statistics.median(times) * 1000, 2),
+                "p99_ms": round(times[int(len(times) * 0.99) - 1] * 1000, 2),
+            }
+    out["api_peak_rss_mib"] = peak_rss_mib(api.pid)
+    s.stop_services()
+    return out
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "date": datetime.now(UTC).date().isoformat(),
+        "cpus": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def render(results: dict[str, Any]) -> str:
+    d, lv, h, lat, q = (results[k] for k in ("drain", "live", "http", "latency", "queries"))
+    ds = results["drain_sync_always"]
+    rows = [
+        (
+            "drain, backlog at 30% duplicates",
+            f"{d['events_per_second']:,} events/s",
+            f"{results['backlog']:,} messages",
+        ),
+        (
+            "drain, broker sync_interval: always",
+            f"{ds['events_per_second']:,} events/s",
+            f"preload {results['preload_sync_always']:,} msg/s vs {results['preload']:,}",
+        ),
+        (
+            "live publisher + consumer",
+            f"{lv['events_per_second']:,} events/s",
+            f"{results['live_count']:,} messages",
+        ),
+        (
+            "HTTP POST /publish, batches of 100, e2e",
+            f"{h['events_per_second']:,} events/s",
+            f"accepted at {h['accepted_per_second']:,}/s, statuses {h['statuses']}",
+        ),
+        (
+            "publish -> committed at 5,000/s",
+            f"p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms",
+            f"(broker -> row, from the DB: p50 {lat['db_p50_ms']} ms, p99 {lat['db_p99_ms']} ms)",
+        ),
+        (
+            "GET /events?topic=X&limit=100",
+            f"p50 {q['events']['p50_ms']} ms, p99 {q['events']['p99_ms']} ms",
+            f"desc: p50 {q['events_desc']['p50_ms']} ms, p99 {q['events_desc']['p99_ms']} ms",
+        ),
+        (
+            "GET /stats",
+            f"p50 {q['stats']['p50_ms']} ms, p99 {q['stats']['p99_ms']} ms",
+            f"with {results['stored']:,} events stored",
+        ),
+        ("consumer peak RSS", f"{d['consumer_peak_rss_mib']} MiB", "during the drain"),
+        (
+            "API peak RSS",
+            f"{max(h['api_peak_rss_mib'], q['api_peak_rss_mib'])} MiB",
+            "during ingestion and queries",
+        ),
+    ]
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{'scenario':<{width[0]}}  {'result':<{width[1]}}  notes", "-" * (sum(width) + 10)]
+    lines += [f"{a:<{width[0]}}  {b:<{width[1]}}  {c}" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["drain", "drain\nsync always", "live", "HTTP e2e"]
+    rates = [
+        results["drain"]["events_per_second"],
+        results["drain_sync_always"]["events_per_second"],
+        results["live"]["events_per_second"],
+        results["http"]["events_per_second"],
+    ]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.bar(names, rates, color=["#3b7dd8", "#7aa6e6", "#2f9e6e", "#d9822b"])
+    left.axhline(1000, color="grey", linestyle="--", linewidth=1)
+    left.text(
+        3.4,
+        1000,
+        "typical FastAPI+SQLite aggregator",
+        ha="right",
+        va="bottom",
+        fontsize=8,
+        color="grey",
+    )
+    left.set_ylabel("events/s")
+    left.set_title("Throughput")
+    q = results["queries"]
+    labels = ["/events p50", "/events p99", "/stats p50", "/stats p99", "e2e p50", "e2e p99"]
+    values = [
+        q["events"]["p50_ms"],
+        q["events"]["p99_ms"],
+        q["stats"]["p50_ms"],
+        q["stats"]["p99_ms"],
+        results["latency"]["p50_ms"],
+        results["latency"]["p99_ms"],
+    ]
+    right.barh(labels, values, color="#6c5fc7")
+    right.set_xlabel("milliseconds")
+    right.set_title("Latency")
+    fig.suptitle(f"oncelog on {results['machine']['cpus']} cores, {results['machine']['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="just bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small scenarios, about a minute")
+    parser.add_argument("--backlog", type=int, default=None, help="messages in the drain backlog")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = parser.parse_args()
+    backlog = args.backlog or (100_000 if args.quick else 1_000_000)
+    small = 20_000 if args.quick else 100_000
+    results: dict[str, Any] = {"machine": machine(), "backlog": backlog, "live_count": small}
+    with tempfile.TemporaryDirectory() as tmp:
+        with stack(Path(tmp) / "a") as s:
+            unique, results["preload"] = asyncio.run(preload(s, backlog, 0.3))
+            results["preload"] = round(results["preload"])
+            sys.stderr.write(f"backlog of {backlog:,} ({unique:,} unique) loaded\n")
+            results["drain"] = asyncio.run(drain(s, backlog))
+            results["stored"] = asyncio.run(stats(s.settings.database_url))[1]
+            results["queries"] = asyncio.run(queries(s, 200 if args.quick else 1000))
+            sys.stderr.write(f"drain and queries done: {results['drain']}\n")
+        with stack(Path(tmp) / "b", sync_always=True) as s:
+            n = backlog // 4
+            _, rate = asyncio.run(preload(s, n, 0.3))
+            results["preload_sync_always"] = round(rate)
+            results["drain_sync_always"] = asyncio.run(drain(s, n))
+        with stack(Path(tmp) / "c") as s:
+            results["live"] = asyncio.run(live(s, small))
+        with stack(Path(tmp) / "d") as s:
+            results["http"] = asyncio.run(http_ingest(s, small))
+        with stack(Path(tmp) / "e") as s:
+            results["latency"] = asyncio.run(latency(s, 5000, 6 if args.quick else 20))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    (args.out / f"bench-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.out / f"bench-{stamp}.png")
+    sys.stdout.write(render(results) + f"\n\nresults: {args.out}/bench-{stamp}.json and .png\n")
+
+
+if __name__ == "__main__":
+    main()
