@@ -88,7 +88,9 @@ async def connect(
         _log.warning("nats error: %s", exc)
 
     return await nats.connect(
-        settings.nats_url,
+        # A cluster is given as a comma-separated list, so a replica can start (and reconnect)
+        # while any one node is down; nats-py takes a list, not a comma-joined string.
+        [url.strip() for url in settings.nats_url.split(",") if url.strip()],
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
