@@ -14,7 +14,7 @@ import pytest
 
 from faults.checker import RESULTS, Verdict
 from faults.procs import Fleet
-from oncelog.platform.embedded import NatsServer, PostgresServer
+from oncelog.platform.embedded import NatsServer, PostgresServer, free_port
 from oncelog.platform.settings import ConsumerSettings
 
 
@@ -95,3 +95,42 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             json.dumps([msgspec.to_builtins(v) for v in RESULTS], indent=2)
         )
         terminalreporter.write_line(f"fault table written to {folder}/results.md")
+
+
+class NatsCluster:
+    """Three nats-server processes on loopback routed into one JetStream cluster."""
+
+    def __init__(self, root: Path, size: int = 3) -> None:
+        cluster_ports = [free_port() for _ in range(size)]
+        routes = ",".join(f"nats://127.0.0.1:{port}" for port in cluster_ports)
+        self.nodes: dict[str, NatsServer] = {}
+        for i, port in enumerate(cluster_ports):
+            args = ["--name", f"n{i}", "--cluster_name", "oncelog-faults"]
+            args += ["--cluster", f"nats://127.0.0.1:{port}", "--routes", routes]
+            self.nodes[f"n{i}"] = NatsServer(root / f"n{i}", extra_args=tuple(args))
+
+    @property
+    def url(self) -> str:
+        """Return every node's client URL, comma-separated, as NATS_URL takes them."""
+        return ",".join(node.url for node in self.nodes.values())
+
+    def start(self) -> None:
+        """Start every node."""
+        for node in self.nodes.values():
+            node.start()
+
+    def stop(self) -> None:
+        """Stop every node."""
+        for node in self.nodes.values():
+            node.stop()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """Start a 3-node nats-server cluster of this test alone."""
+    cluster = NatsCluster(tmp_path / "cluster")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
