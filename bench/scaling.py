@@ -176,7 +176,8 @@ def render(results: list[Result], args: argparse.Namespace) -> str:
     base = results[0].events_per_second
     lines = [
         f"{args.events} messages, {args.dup_rate:.0%} duplicates; {os.cpu_count()} CPUs, "
-        f"{platform.machine()}, Python {platform.python_version()}",
+        f"{platform.machine()}, Python {platform.python_version()}; load average at the end "
+        f"{os.getloadavg()[0]:.1f} (other processes share these CPUs when it exceeds them)",
         "",
         "| consumer replicas | drain seconds | events/s | vs first row |",
         "|---:|---:|---:|---:|",
