@@ -12,11 +12,14 @@ import msgspec
 from oncelog.platform.db import Conn
 
 __all__ = [
+    "EVENT_SQL",
+    "STATS_SQL",
     "Cursor",
     "CursorError",
     "DeadCursor",
     "decode_cursor",
     "encode_cursor",
+    "events_query",
     "fetch_dead_letter",
     "fetch_dead_letters",
     "fetch_event",
@@ -64,6 +67,10 @@ def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+def _is_exact(pattern: str) -> bool:
+    return not {"*", ">"} & set(pattern.split("."))
+
+
 def topic_filter(pattern: str, arg: int) -> tuple[str, list[Any]]:
     """Return a SQL condition matching a topic or a NATS wildcard, with its parameters.
 
@@ -71,9 +78,9 @@ def topic_filter(pattern: str, arg: int) -> tuple[str, list[Any]]:
     Prefix conditions use LIKE on the C-collated column, which the btree indexes serve. Tokens
     are validated before they get here: [A-Za-z0-9_-] needs no escaping in a regex.
     """
-    tokens = pattern.split(".")
-    if "*" not in tokens and ">" not in tokens:
+    if _is_exact(pattern):
         return f"topic = ${arg}", [pattern]
+    tokens = pattern.split(".")
     prefix: list[str] = []
     for token in tokens:
         if token in {"*", ">"}:
@@ -84,8 +91,7 @@ def topic_filter(pattern: str, arg: int) -> tuple[str, list[Any]]:
     return f"topic LIKE ${arg} AND topic ~ ${arg + 1}", [like, regex]
 
 
-async def fetch_events(
-    conn: Conn,
+def events_query(
     *,
     topic: str | None,
     since: datetime | None,
@@ -93,8 +99,8 @@ async def fetch_events(
     after: Cursor | None,
     descending: bool,
     limit: int,
-) -> list[Any]:
-    """Return up to `limit` events in (timestamp, topic, event_id) order."""
+) -> tuple[str, list[Any]]:
+    """Return the SQL and parameters of a page of events in (timestamp, topic, event_id) order."""
     where: list[str] = []
     args: list[Any] = []
     if topic is not None:
@@ -108,10 +114,16 @@ async def fetch_events(
         args.append(until)
         where.append(f"ts < ${len(args)}")
     if after is not None:
-        args += [after.ts, after.topic, after.event_id]
-        n = len(args)
         op = "<" if descending else ">"
-        where.append(f"(ts, topic, event_id) {op} (${n - 2}, ${n - 1}, ${n})")
+        if topic is not None and _is_exact(topic):
+            # With the topic fixed, the row comparison on (ts, event_id) follows the equality in
+            # events_topic_ts, so a deep page starts with an index seek instead of a scan.
+            args += [after.ts, after.event_id]
+            where.append(f"(ts, event_id) {op} (${len(args) - 1}, ${len(args)})")
+        else:
+            args += [after.ts, after.topic, after.event_id]
+            n = len(args)
+            where.append(f"(ts, topic, event_id) {op} (${n - 2}, ${n - 1}, ${n})")
     direction = "DESC" if descending else "ASC"
     args.append(limit)
     sql = (
@@ -119,10 +131,16 @@ async def fetch_events(
         + (" WHERE " + " AND ".join(where) if where else "")
         + f" ORDER BY ts {direction}, topic {direction}, event_id {direction} LIMIT ${len(args)}"
     )
+    return sql, args
+
+
+async def fetch_events(conn: Conn, **query: Any) -> list[Any]:
+    """Return up to `limit` events in (timestamp, topic, event_id) order (see events_query)."""
+    sql, args = events_query(**query)
     return await conn.fetch(sql, *args)
 
 
-_STATS = """
+STATS_SQL = """
 SELECT topic,
        sum(received)::bigint AS received,
        sum(stored)::bigint AS stored,
@@ -144,12 +162,12 @@ ORDER BY topic
 async def fetch_stats(conn: Conn, topic: str | None = None) -> list[Any]:
     """Return per-topic statistics: one row per topic, whatever the number of stored events."""
     if topic is None:
-        return await conn.fetch(_STATS.format(where=""))
+        return await conn.fetch(STATS_SQL.format(where=""))
     condition, params = topic_filter(topic, 1)
-    return await conn.fetch(_STATS.format(where="WHERE " + condition), *params)
+    return await conn.fetch(STATS_SQL.format(where="WHERE " + condition), *params)
 
 
-_EVENT = """
+EVENT_SQL = """
 SELECT e.topic, e.event_id, e.ts, e.source, e.payload, e.stream_seq, e.received_at, e.stored_at,
        d.n AS duplicates, d.last AS last_duplicate_at
 FROM events e,
@@ -161,7 +179,7 @@ WHERE e.topic = $1 AND e.event_id = $2
 
 async def fetch_event(conn: Conn, topic: str, event_id: str) -> Any:
     """Return one stored event with its store-layer duplicates, or None."""
-    return await conn.fetchrow(_EVENT, topic, event_id)
+    return await conn.fetchrow(EVENT_SQL, topic, event_id)
 
 
 class DeadCursor(msgspec.Struct, array_like=True, frozen=True):
