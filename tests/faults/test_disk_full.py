@@ -1,0 +1,94 @@
+"""The disk under the broker's file store fills up while events flow (a small tmpfs)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from faults.procs import Fleet, fault_settings
+from faults.scenario import Scenario
+from helpers import wait_until
+from oncelog.platform.embedded import NatsServer
+from oncelog.platform.settings import ConsumerSettings
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+DISK_BYTES = 24 * 1024 * 1024
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """Mount a 24 MiB tmpfs for the broker's store (skipped where mounting is not permitted)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES}", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        # JetStream's max_file_store is no substitute: a stream whose byte limit exceeds it
+        # cannot even be created, so the limit path is the stream limits scenario's.
+        pytest.skip(f"tmpfs cannot be mounted here: {result.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=False)
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """Write a file that leaves about `leave` bytes free on `disk`, as another tenant would."""
+    stat = os.statvfs(disk)
+    free = stat.f_bavail * stat.f_frsize
+    filler = disk / "filler"
+    with filler.open("wb") as handle:
+        handle.truncate(0)
+        chunk = b"\0" * (1024 * 1024)
+        remaining = max(free - leave, 0)
+        while remaining > 0:
+            with contextlib.suppress(OSError):  # the last chunk may not fit exactly
+                handle.write(chunk[: min(len(chunk), remaining)])
+            remaining -= len(chunk)
+    return filler
+
+
+async def test_a_full_disk_under_the_broker_loses_no_acked_event(
+    settings: ConsumerSettings,
+    small_disk: Path,
+    tmp_path: Path,
+    fleet_factory: Callable[[ConsumerSettings], Fleet],
+) -> None:
+    """When the broker's disk fills, publishers see timeouts and retry; after space is freed and nats-server restarted, no acked event is lost."""
+    nats_server = NatsServer(small_disk / "store")
+    nats_server.log_file = tmp_path / "nats.log"
+    nats_server.start()
+    try:
+        s = fault_settings(settings, nats_url=nats_server.url, stream_max_bytes=12 * 1024 * 1024)
+        fleet = fleet_factory(s)
+        runs = 2
+        async with Scenario(s, fleet, rate=300.0) as scenario:
+            await scenario.start(consumers=2)
+            for _ in range(runs):
+                filler = await asyncio.to_thread(_fill, small_disk, 64 * 1024)
+                errors = sum(scenario.ledger.errors.values())
+
+                async def publishers_saw_it(errors: int = errors) -> bool:
+                    return sum(scenario.ledger.errors.values()) > errors + 10
+
+                await wait_until(publishers_saw_it, within=180, interval=0.2)
+                # Heal as an operator would: free the space, restart the broker.
+                filler.unlink()
+                await asyncio.to_thread(nats_server.stop)
+                await asyncio.to_thread(nats_server.start)
+                await scenario.recovered(time.monotonic())
+            verdict = await scenario.verdict("broker disk full (tmpfs), then freed", runs)
+        assert verdict.ok, verdict
+    finally:
+        nats_server.stop()
