@@ -85,6 +85,10 @@ async def test_nkey_seed_file(tmp_path: Path, nkey_seed: tuple[Path, str]) -> No
         server.stop()
 
 
+# A fresh P-256 key without a passphrase: fast to generate, fine for a throwaway test PKI.
+NEW_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+
+
 def openssl(*args: str, cwd: Path) -> None:
     """Run openssl in `cwd`, failing the test on error."""
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
@@ -94,16 +98,16 @@ def openssl(*args: str, cwd: Path) -> None:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Create a CA, a server certificate for 127.0.0.1 and a client certificate."""
     d = tmp_path_factory.mktemp("pki")
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+    openssl("req", "-x509", *NEW_KEY, "-days", "1", "-subj", "/CN=test-ca",
             "-keyout", "ca-key.pem", "-out", "ca.pem", cwd=d)  # fmt: skip
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=other-ca",
+    openssl("req", "-x509", *NEW_KEY, "-days", "1", "-subj", "/CN=other-ca",
             "-keyout", "other-key.pem", "-out", "other.pem", cwd=d)  # fmt: skip
     for name, ext in (
         ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
         ("client", "extendedKeyUsage=clientAuth"),
     ):
         (d / f"{name}.ext").write_text(ext + "\n")
-        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", f"/CN={name}",
+        openssl("req", *NEW_KEY, "-subj", f"/CN={name}",
                 "-keyout", f"{name}-key.pem", "-out", f"{name}.csr", cwd=d)  # fmt: skip
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem",
                 "-CAcreateserial", "-days", "1", "-extfile", f"{name}.ext",
