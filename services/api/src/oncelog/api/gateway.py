@@ -57,34 +57,41 @@ def _max_payload(state: State) -> int:
 async def _publish_all(state: State, outgoing: Sequence[Outgoing]) -> list[PubAck]:
     """Publish every event concurrently; record the broker's duplicates; 503 unless all acked.
 
-    Duplicates are recorded even when some events failed: they were dropped either way, and the
-    client's retry of the same body is counted again as what it is.
+    Each event has PUBLISH_TIMEOUT_SECONDS from when its publish starts, so a large body takes
+    as long as the broker keeps acknowledging; the first event that runs out of time cancels the
+    rest, so a broker that is away costs one timeout, not one per batch of in-flight events.
+    Duplicates seen are recorded even then: they were dropped either way, and the client's
+    retry of the same body is counted again as what it is.
     """
     settings = state.settings
     js = state.js
     gate = asyncio.Semaphore(settings.publish_inflight)
-    deadline = time.monotonic() + settings.publish_timeout_seconds
-
-    async def one(event: Outgoing) -> PubAck:
-        async with gate:
-            return await publish_until(
-                js, event.subject, event.body, event.msg_id, deadline=deadline
-            )
-
-    results = await asyncio.gather(*(one(e) for e in outgoing), return_exceptions=True)
     acks: list[PubAck] = []
     dups: Counter[str] = Counter()
+
+    async def one(event: Outgoing) -> None:
+        async with gate:
+            ack = await publish_until(
+                js,
+                event.subject,
+                event.body,
+                event.msg_id,
+                deadline=time.monotonic() + settings.publish_timeout_seconds,
+            )
+        acks.append(ack)
+        if ack.duplicate:
+            dups[event.topic] += 1
+
     failed = 0
-    for event, result in zip(outgoing, results, strict=True):
-        if isinstance(result, PubAck):
-            acks.append(result)
-            if result.duplicate:
-                dups[event.topic] += 1
-        elif isinstance(result, PublishError):
-            failed += 1
-        elif isinstance(result, BaseException):
-            failed += 1
-            _log.error("publish failed unexpectedly: %r", result)
+    try:
+        async with asyncio.TaskGroup() as group:
+            for event in outgoing:
+                group.create_task(one(event))
+    except* Exception as errors:
+        failed = len(outgoing) - len(acks)
+        for exc in errors.exceptions:
+            if not isinstance(exc, PublishError):
+                _log.error("publish failed unexpectedly: %r", exc)
     metrics = state.metrics
     metrics.published.inc(len(acks))
     if dups:
