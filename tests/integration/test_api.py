@@ -69,6 +69,29 @@ async def test_ready_names_the_failing_part(settings: ConsumerSettings) -> None:
         assert (await c.get("/health")).status_code == 200
 
 
+async def test_postgres_unreachable_is_503_naming_it(
+    settings: ConsumerSettings, js: JetStreamContext
+) -> None:
+    """Without PostgreSQL, reads answer 503 with Retry-After and /ready names postgres."""
+    async with api_client(
+        settings,
+        ready=False,
+        database_url="postgresql://postgres@127.0.0.1:1/none",
+        rate_limit_per_second=0,
+    ) as c:
+        for path in ("/events", "/stats", "/topics", "/dead-letters", "/events/a/b"):
+            resp = await c.get(path)
+            assert resp.status_code == 503, path
+            assert resp.headers["retry-after"] == "1"
+            assert resp.json()["status_code"] == 503
+
+        async def postgres_named() -> bool:
+            body = (await c.get("/ready")).json()
+            return body.get("errors") == [{"field": "postgres", "message": "unreachable"}]
+
+        await wait_until(postgres_named, within=10)
+
+
 async def test_events_of_a_topic_as_a_json_array(
     client: AsyncTestClient[Any],
     js: JetStreamContext,
