@@ -87,7 +87,7 @@ async def test_postgres_unreachable_is_503_naming_it(
 
         async def postgres_named() -> bool:
             body = (await c.get("/ready")).json()
-            return body.get("errors") == [{"field": "postgres", "message": "unreachable"}]
+            return bool(body.get("errors") == [{"field": "postgres", "message": "unreachable"}])
 
         await wait_until(postgres_named, within=10)
 
