@@ -11,7 +11,6 @@ import asyncpg
 import nats
 import pytest
 
-from conftest import Servers
 from helpers import wait_until
 from oncelog.events import msg_id
 from oncelog.platform import broker, db, migrate
@@ -20,15 +19,18 @@ from oncelog.platform.settings import ConsumerSettings
 DENIED = asyncpg.exceptions.InsufficientPrivilegeError  # SQLSTATE 42501
 
 
+def other_database(url: str, database: str) -> str:
+    """Return `url` pointing at another database of the same server."""
+    return f"{url.rsplit('/', 1)[0]}/{database}"
+
+
 def as_user(url: str, user: str) -> str:
     """Return `url` with the user replaced (the embedded server trusts loopback logins)."""
     return url.replace("postgres@", f"{user}:secret@", 1)
 
 
 @pytest.fixture
-async def logins(
-    settings: ConsumerSettings, servers: Servers, uid: str
-) -> AsyncIterator[dict[str, str]]:
+async def logins(settings: ConsumerSettings, uid: str) -> AsyncIterator[dict[str, str]]:
     """Create an ingest and a reader login user for the test's database; drop them after."""
     names = {"ingest": f"ingest_{uid}", "reader": f"reader_{uid}"}
     admin = await asyncpg.connect(settings.database_url)
@@ -44,7 +46,7 @@ async def logins(
     finally:
         await admin.close()
     yield {role: as_user(settings.database_url, name) for role, name in names.items()}
-    admin = await asyncpg.connect(servers.postgres.url())
+    admin = await asyncpg.connect(other_database(settings.database_url, "postgres"))
     try:
         for name in names.values():
             await admin.execute(f'DROP ROLE IF EXISTS "{name}"')
@@ -125,9 +127,11 @@ async def test_least_privileged_services_see_a_current_schema(logins: dict[str, 
         await conn.close()
 
 
-async def test_roles_migration_runs_where_the_roles_exist(servers: Servers, uid: str) -> None:
+async def test_roles_migration_runs_where_the_roles_exist(
+    settings: ConsumerSettings, uid: str
+) -> None:
     """A fresh database migrates cleanly although the cluster already has the roles."""
-    admin = await asyncpg.connect(servers.postgres.url())
+    admin = await asyncpg.connect(other_database(settings.database_url, "postgres"))
     try:
         existing = await admin.fetchval(
             "SELECT count(*) FROM pg_roles WHERE rolname = ANY($1)", list(migrate.GROUPS)
@@ -136,7 +140,7 @@ async def test_roles_migration_runs_where_the_roles_exist(servers: Servers, uid:
         await admin.execute(f"CREATE DATABASE fresh_{uid}")
     finally:
         await admin.close()
-    conn = await asyncpg.connect(servers.postgres.url(f"fresh_{uid}"))
+    conn = await asyncpg.connect(other_database(settings.database_url, f"fresh_{uid}"))
     try:
         applied = await db.migrate(conn)
         assert applied[:2] == ["0001_init.sql", "0002_roles.sql"]
@@ -158,7 +162,7 @@ def test_login_specs_are_checked() -> None:
 
 
 async def test_consumer_stores_events_as_the_ingest_role(
-    settings: ConsumerSettings, logins: dict[str, str], servers: Servers
+    settings: ConsumerSettings, logins: dict[str, str]
 ) -> None:
     """The consumer service runs and stores events with only the ingest role's privileges."""
     nc = await nats.connect(settings.nats_url)
