@@ -44,6 +44,8 @@ class Ledger:
         # When the first PubAck arrived, so recovery can ask for "everything acked before T".
         self.acked: dict[Key, float] = {}
         self.errors: Counter[str] = Counter()
+        # The last message of each kind of error, to show what publishers were told.
+        self.error_messages: dict[str, str] = {}
         self.failed: set[Key] = set()
         self.broker_duplicates = 0
         self.copies_with_msg_id = 0
@@ -63,6 +65,7 @@ class Ledger:
     def error(self, exc: BaseException) -> None:
         """Record one failed publish attempt by the kind of error the publisher saw."""
         self.errors[type(exc).__name__] += 1
+        self.error_messages[type(exc).__name__] = str(exc)
 
     def give_up(self, key: Key) -> None:
         """Record that every retry of `key` failed: it may or may not be in the stream."""
