@@ -244,6 +244,20 @@ async def live(s: Stack, count: int) -> dict[str, Any]:
     return {"events_per_second": round(count / (t1 - started)), "seconds": round(t1 - started, 2)}
 
 
+async def api_ready(client: httpx.AsyncClient, within: float = 60) -> None:
+    """Wait until the API answers /ready with 200."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            if (await client.get("/ready")).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("the API did not become ready")
+        await asyncio.sleep(0.2)
+
+
 async def http_ingest(s: Stack, count: int, clients: int = 8, batch: int = 100) -> dict[str, Any]:
     """POST /publish in batches from concurrent clients; e2e until every message is counted."""
     port = free_port()
@@ -253,16 +267,7 @@ async def http_ingest(s: Stack, count: int, clients: int = 8, batch: int = 100) 
     ]
     base = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if (await client.get("/ready")).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the API did not become ready")
-            await asyncio.sleep(0.2)
+        await api_ready(client)
         msgs, _ = events(count, 0.3, seed=5)
         bodies = [
             [json.loads(b) | {"topic": t} for t, _, b in msgs[i : i + batch]]
@@ -365,16 +370,7 @@ async def queries(s: Stack, requests: int) -> dict[str, Any]:
     api = s.spawn("oncelog.api", API_PORT=str(port), RATE_LIMIT_PER_SECOND="0")
     out: dict[str, Any] = {}
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if (await client.get("/ready")).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the API did not become ready")
-            await asyncio.sleep(0.2)
+        await api_ready(client)
         for name, path in (
             ("events", "/events?topic=bench.t3&limit=100"),
             ("stats", "/stats"),

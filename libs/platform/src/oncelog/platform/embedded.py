@@ -56,6 +56,15 @@ def _port_busy(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+def _http_ok(url: str) -> bool:
+    """Whether a GET of a loopback health URL answers 200."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback URL
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def die_with_parent(sig: int) -> None:
     """Ask Linux to signal this child when its parent dies, so no server outlives its owner."""
     with contextlib.suppress(OSError, AttributeError):
@@ -122,6 +131,22 @@ class _Server:
 
     proc: subprocess.Popen[bytes] | None = None
     _log_handle: IO[bytes] | None = None
+    # The signal that asks for a graceful stop; PostgreSQL's fast shutdown is SIGINT.
+    stop_signal: int = signal.SIGTERM
+
+    def start(self, timeout: float = 30.0) -> Self:
+        """Start the server and wait until it is ready."""
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the server gracefully, killing it after `timeout`."""
+        self._stop(self.stop_signal, timeout)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     @property
     def pid(self) -> int:
@@ -239,19 +264,11 @@ class NatsServer(_Server):
         _log.info("nats-server ready", extra={"url": self.url, "store": str(self.store_dir)})
         return self
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """Stop the server gracefully (SIGTERM), killing it after `timeout`."""
-        self._stop(signal.SIGTERM, timeout)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 class PostgresServer(_Server):
     """A PostgreSQL cluster in `data_dir`, listening on loopback TCP only."""
+
+    stop_signal = signal.SIGINT
 
     def __init__(
         self,
@@ -342,16 +359,6 @@ class PostgresServer(_Server):
         _log.info("postgres ready", extra={"url": self.url(), "data": str(self.data_dir)})
         return self
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop the server with a fast shutdown, killing it after `timeout`."""
-        self._stop(signal.SIGINT, timeout)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 class PrometheusServer(_Server):
     """A Prometheus (from the system's package, e.g. Debian's `prometheus`) on loopback."""
@@ -382,11 +389,7 @@ class PrometheusServer(_Server):
         return f"http://{self.host}:{self.port}"
 
     def _ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:  # noqa: S310
-                return bool(resp.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+        return _http_ok(f"{self.url}/-/ready")
 
     def start(self, timeout: float = 30.0) -> Self:
         """Start Prometheus and wait until it reports ready."""
@@ -408,16 +411,6 @@ class PrometheusServer(_Server):
         _wait(self._ready, self.proc, "prometheus", self.log_file, timeout)
         _log.info("prometheus ready", extra={"url": self.url})
         return self
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """Stop Prometheus gracefully."""
-        self._stop(signal.SIGTERM, timeout)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def prometheus_config(

@@ -12,30 +12,16 @@ from collections import Counter as Tally
 from collections.abc import Iterable
 
 import msgspec
-import nats.errors
-import nats.js.errors
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, Counter
 
 from oncelog.events import msg_id, subject_for
+from oncelog.platform.publish import RETRYABLE
 from oncelog.publisher.generate import Planned
 
 __all__ = ["Emitter", "PublisherMetrics", "Summary"]
 
 _log = logging.getLogger("oncelog.publisher")
-
-# Publish failures worth another try with the same Msg-Id: the broker may or may not have
-# stored the message, and its duplicate window makes the retry safe either way.
-_RETRYABLE = (
-    TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionClosedError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.OutboundBufferLimitError,
-    nats.js.errors.NoStreamResponseError,
-    nats.js.errors.ServiceUnavailableError,
-    nats.js.errors.APIError,
-)
 
 
 class PublisherMetrics:
@@ -168,7 +154,7 @@ class Emitter:
                     ack = await self.js.publish(
                         subject, planned.body, timeout=self.timeout, headers=dict(headers)
                     )
-                except _RETRYABLE as exc:
+                except RETRYABLE as exc:
                     if attempt == self.max_attempts:
                         self.summary.errors += 1
                         self.metrics.failed.inc()
