@@ -11,15 +11,9 @@ from typing import Any
 import asyncpg
 import msgspec
 from litestar.testing import AsyncTestClient
-import msgspec
-from litestar.testing import AsyncTestClient
-import msgspec
-from litestar.testing import AsyncTestClient
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
-from oncelog.api.app import create_app
-from oncelog.api.app import create_app
 from oncelog.api.app import create_app
 from oncelog.consumer.loop import Consumer
 from oncelog.consumer.metrics import ConsumerMetrics
@@ -102,52 +96,6 @@ async def assert_invariants(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str
         + result["dead_lettered"]
     )
     return result
-
-
-def api_settings(settings: ConsumerSettings, **overrides: Any) -> ApiSettings:
-    """Return API settings on the test's servers, stream and database, with `overrides`."""
-    shared = {
-        f: getattr(settings, f) for f in ApiSettings.__struct_fields__ if hasattr(settings, f)
-    }
-    return msgspec.convert(shared | overrides, ApiSettings)
-
-
-@contextlib.asynccontextmanager
-async def api_client(
-    settings: ConsumerSettings, *, ready: bool = True, **overrides: Any
-) -> AsyncIterator[AsyncTestClient[Any]]:
-    """Run the API in-process on the test's servers; wait until it is ready unless told not to."""
-    async with AsyncTestClient(app=create_app(api_settings(settings, **overrides))) as client:
-        if ready:
-            await wait_until(lambda: _api_ready(client), within=10)
-        yield client
-
-
-async def _api_ready(client: AsyncTestClient[Any]) -> bool:
-    return (await client.get("/ready")).status_code == 200
-
-
-def api_settings(settings: ConsumerSettings, **overrides: Any) -> ApiSettings:
-    """Return API settings on the test's servers, stream and database, with `overrides`."""
-    shared = {
-        f: getattr(settings, f) for f in ApiSettings.__struct_fields__ if hasattr(settings, f)
-    }
-    return msgspec.convert(shared | overrides, ApiSettings)
-
-
-@contextlib.asynccontextmanager
-async def api_client(
-    settings: ConsumerSettings, *, ready: bool = True, **overrides: Any
-) -> AsyncIterator[AsyncTestClient[Any]]:
-    """Run the API in-process on the test's servers; wait until it is ready unless told not to."""
-    async with AsyncTestClient(app=create_app(api_settings(settings, **overrides))) as client:
-        if ready:
-            await wait_until(lambda: _api_ready(client), within=10)
-        yield client
-
-
-async def _api_ready(client: AsyncTestClient[Any]) -> bool:
-    return (await client.get("/ready")).status_code == 200
 
 
 def api_settings(settings: ConsumerSettings, **overrides: Any) -> ApiSettings:
