@@ -57,6 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
     )
+    p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address for --metrics-port (0.0.0.0 in containers)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p.parse_args(argv)
@@ -66,7 +71,7 @@ async def publish(settings: PublisherSettings, args: argparse.Namespace) -> Summ
     """Run one publishing session and record its broker-layer duplicates."""
     registry = CollectorRegistry()
     if args.metrics_port is not None:
-        start_http_server(args.metrics_port, "127.0.0.1", registry)
+        start_http_server(args.metrics_port, args.metrics_host, registry)
     nc = await broker.connect(settings, "oncelog-publisher")
     try:
         js = nc.jetstream()
