@@ -14,7 +14,7 @@ from litestar.testing import AsyncTestClient
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from faults.checker import Ledger, Verdict, check, drained, wait_stored
+from faults.checker import RESULTS, Ledger, Verdict, check, drained, wait_stored
 from faults.load import Load, connect
 from faults.procs import ConsumerProcess, Fleet, api_client
 from helpers import wait_until
@@ -36,7 +36,8 @@ async def _provision(js: JetStreamContext, settings: ConsumerSettings) -> bool:
 class Scenario:
     """Publishers, consumers and the checker of one fault test; `verdict` drains and checks."""
 
-    def __init__(self, settings: ConsumerSettings, fleet: Fleet, **load: Any) -> None:
+    def __init__(self, fault: str, settings: ConsumerSettings, fleet: Fleet, **load: Any) -> None:
+        self.fault = fault
         self.settings = settings
         self.fleet = fleet
         self.ledger = Ledger()
@@ -45,6 +46,7 @@ class Scenario:
         self.nc: Client | None = None
         self.pool: asyncpg.Pool | None = None
         self.load: Load | None = None
+        self.checked = False
 
     @property
     def js(self) -> JetStreamContext:
@@ -67,6 +69,18 @@ class Scenario:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc is not None and not self.checked:
+            # The table shows a scenario that failed before its check, with what it saw so far.
+            RESULTS.append(
+                Verdict(
+                    fault=self.fault,
+                    runs=len(self.recoveries),
+                    attempted=len(self.ledger.attempted),
+                    acked=len(self.ledger.acked),
+                    violations=[f"FAILED: {type(exc).__name__}: {exc}"],
+                    publish_errors=dict(self.ledger.errors),
+                )
+            )
         if self.load is not None:
             with contextlib.suppress(Exception):
                 await self.load.stop(within=10)
@@ -96,7 +110,7 @@ class Scenario:
         for member in members:
             await asyncio.to_thread(member.wait_serving)
 
-    async def verdict(self, fault: str, runs: int, *, dead_letters: int = 0) -> Verdict:
+    async def verdict(self, runs: int, *, dead_letters: int = 0) -> Verdict:
         """Stop the load, wait for the drain, then run the checker against the store and the API."""
         assert self.load is not None
         assert self.pool is not None
@@ -108,9 +122,10 @@ class Scenario:
             interval=0.25,
         )
         client: AsyncTestClient[Any]
+        self.checked = True
         async with api_client(s) as client:
             return await check(
-                fault,
+                self.fault,
                 runs,
                 self.ledger,
                 pool,

@@ -39,7 +39,9 @@ async def test_killing_the_stream_leader_then_a_follower_loses_no_acked_event(
     s = fault_settings(settings, nats_url=nats_cluster.url, stream_replicas=3)
     fleet = fleet_factory(s)
     runs = 0
-    async with Scenario(s, fleet, rate=200.0, timeout=3.0) as scenario:
+    async with Scenario(
+        "3-node cluster R3: kill -9 leader, then follower", s, fleet, rate=200.0, timeout=3.0
+    ) as scenario:
         await scenario.start(consumers=2)
         pids = fleet.pids()
         for _ in range(2):
@@ -64,6 +66,6 @@ async def test_killing_the_stream_leader_then_a_follower_loses_no_acked_event(
                     await wait_until(new_leader, within=120, interval=0.2)
                 await asyncio.to_thread(victim.start)
                 await scenario.recovered(time.monotonic())
-        verdict = await scenario.verdict("3-node cluster R3: kill -9 leader, then follower", runs)
+        verdict = await scenario.verdict(runs)
         assert fleet.pids() == pids, "a consumer exited during the cluster faults"
     assert verdict.ok, verdict

@@ -20,7 +20,9 @@ async def test_kill_9_of_consumers_loses_and_double_stores_nothing(
     """Replicas killed inside a batch, after a commit before its acks, and all at once lose nothing and store nothing twice."""
     s = fault_settings(settings)
     fleet = fleet_factory(s)
-    async with Scenario(s, fleet, rate=300.0) as scenario:
+    async with Scenario(
+        "consumer kill -9 (in batch, after commit, all)", s, fleet, rate=300.0
+    ) as scenario:
         await scenario.start(consumers=2)
         assert scenario.pool is not None
         runs = 0
@@ -41,5 +43,5 @@ async def test_kill_9_of_consumers_loses_and_double_stores_nothing(
             healed = time.monotonic()
             await scenario.restart(*fleet.members)
             await scenario.recovered(healed)
-        verdict = await scenario.verdict("consumer kill -9 (in batch, after commit, all)", runs)
+        verdict = await scenario.verdict(runs)
     assert verdict.ok, verdict

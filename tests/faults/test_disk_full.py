@@ -73,7 +73,9 @@ async def test_a_full_disk_under_the_broker_loses_no_acked_event(
         s = fault_settings(settings, nats_url=nats_server.url, stream_max_bytes=12 * 1024 * 1024)
         fleet = fleet_factory(s)
         runs = 2
-        async with Scenario(s, fleet, rate=300.0) as scenario:
+        async with Scenario(
+            "broker disk full (tmpfs), then freed", s, fleet, rate=300.0
+        ) as scenario:
             await scenario.start(consumers=2)
             for _ in range(runs):
                 filler = await asyncio.to_thread(_fill, small_disk, 64 * 1024)
@@ -88,7 +90,7 @@ async def test_a_full_disk_under_the_broker_loses_no_acked_event(
                 await asyncio.to_thread(nats_server.stop)
                 await asyncio.to_thread(nats_server.start)
                 await scenario.recovered(time.monotonic())
-            verdict = await scenario.verdict("broker disk full (tmpfs), then freed", runs)
+            verdict = await scenario.verdict(runs)
         assert verdict.ok, verdict
     finally:
         nats_server.stop()

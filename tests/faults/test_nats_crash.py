@@ -26,7 +26,7 @@ async def test_kill_9_of_nats_server_loses_no_acked_event(
     s = fault_settings(settings, nats_url=own_nats.url)
     fleet = fleet_factory(s)
     runs = 3
-    async with Scenario(s, fleet, rate=250.0) as scenario:
+    async with Scenario("nats-server kill -9 (single node)", s, fleet, rate=250.0) as scenario:
         await scenario.start(consumers=2)
         pids = fleet.pids()
         for _ in range(runs):
@@ -43,6 +43,6 @@ async def test_kill_9_of_nats_server_loses_no_acked_event(
             await asyncio.sleep(3)
             await asyncio.to_thread(own_nats.start)
             await scenario.recovered(time.monotonic())
-        verdict = await scenario.verdict("nats-server kill -9 (single node)", runs)
+        verdict = await scenario.verdict(runs)
         assert fleet.pids() == pids, "a consumer exited while nats-server was down"
     assert verdict.ok, verdict

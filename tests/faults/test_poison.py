@@ -53,7 +53,7 @@ async def test_poison_input_is_dead_lettered_with_its_reason_and_stalls_nothing(
     s = fault_settings(settings, max_event_bytes=MAX_EVENT_BYTES)
     fleet = fleet_factory(s)
     runs = 3
-    async with Scenario(s, fleet, rate=250.0) as scenario:
+    async with Scenario("poison input (15 kinds, raw NATS)", s, fleet, rate=250.0) as scenario:
         await scenario.start(consumers=2)
         assert scenario.nc is not None
         assert scenario.pool is not None
@@ -85,9 +85,7 @@ async def test_poison_input_is_dead_lettered_with_its_reason_and_stalls_nothing(
             await scenario.js.publish(
                 f"{s.subject_prefix}.faults.poison.huge", b"x" * (1024 * 1024 + 1)
             )
-        verdict = await scenario.verdict(
-            "poison input (15 kinds, raw NATS)", runs, dead_letters=len(POISON) * runs
-        )
+        verdict = await scenario.verdict(runs, dead_letters=len(POISON) * runs)
         assert fleet.pids() == pids, "a consumer exited on poison input"
         letters = await pool.fetch("SELECT subject, headers, reason FROM dead_letters")
     assert verdict.ok, verdict

@@ -49,12 +49,12 @@ async def _run(
 ) -> None:
     s = fault_settings(settings, database_url=postgres.url("oncelog"), **overrides)
     fleet = fleet_factory(s)
-    async with Scenario(s, fleet, rate=250.0) as scenario:
+    async with Scenario(fault, s, fleet, rate=250.0) as scenario:
         await scenario.start(consumers=2)
         pids = fleet.pids()
         for seconds in outages:
             await _outage(scenario, fleet, postgres, seconds)
-        verdict = await scenario.verdict(fault, len(outages))
+        verdict = await scenario.verdict(len(outages))
         assert fleet.pids() == pids, "a consumer exited during the outage"
     assert verdict.ok, verdict
 

@@ -26,7 +26,7 @@ async def test_a_full_stream_refuses_publishes_and_evicts_nothing(
     s = fault_settings(settings, stream_max_bytes=MAX_BYTES)
     fleet = fleet_factory(s)
     runs = 2
-    async with Scenario(s, fleet, rate=400.0) as scenario:
+    async with Scenario("stream full (max_bytes, discard=new)", s, fleet, rate=400.0) as scenario:
         await scenario.start(consumers=0, warmup=100)
         for run in range(runs):
             if run:
@@ -53,5 +53,5 @@ async def test_a_full_stream_refuses_publishes_and_evicts_nothing(
             else:
                 await scenario.restart(*fleet.members)
             await scenario.recovered(healed)
-        verdict = await scenario.verdict("stream full (max_bytes, discard=new)", runs)
+        verdict = await scenario.verdict(runs)
     assert verdict.ok, verdict

@@ -22,7 +22,9 @@ async def test_a_consumer_frozen_past_ack_wait_wakes_up_without_double_storing(
     """A replica stopped mid-batch past ack_wait, whose batch went to another replica, stores nothing twice when continued."""
     s = fault_settings(settings, ack_wait_seconds=2.0)
     fleet = fleet_factory(s)
-    async with Scenario(s, fleet, rate=250.0) as scenario:
+    async with Scenario(
+        "consumer SIGSTOP past ack_wait, SIGCONT", s, fleet, rate=250.0
+    ) as scenario:
         await scenario.start(consumers=2)
         assert scenario.pool is not None
         runs = 3
@@ -55,5 +57,5 @@ async def test_a_consumer_frozen_past_ack_wait_wakes_up_without_double_storing(
             zombie.signal(signal.SIGCONT)
             await scenario.recovered(time.monotonic())
         assert all(m.alive for m in fleet.members)
-        verdict = await scenario.verdict("consumer SIGSTOP past ack_wait, SIGCONT", runs)
+        verdict = await scenario.verdict(runs)
     assert verdict.ok, verdict
