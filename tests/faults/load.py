@@ -65,7 +65,7 @@ class Load:
         topics: int = 3,
         rate: float = 250.0,
         inflight: int = 32,
-        limit: int = 20_000,
+        limit: int = 60_000,
         copy_every: int = 10,
         raw_copy_every: int = 25,
         timeout: float = 2.0,

@@ -44,14 +44,12 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def _fill(disk: Path, leave: int) -> Path:
-    """Write a file that leaves about `leave` bytes free on `disk`, as another tenant would."""
+    """Grow a file until about `leave` bytes are free on `disk`, as another tenant would."""
     stat = os.statvfs(disk)
-    free = stat.f_bavail * stat.f_frsize
+    remaining = stat.f_bavail * stat.f_frsize - leave
     filler = disk / "filler"
-    with filler.open("wb") as handle:
-        handle.truncate(0)
+    with filler.open("ab") as handle:
         chunk = b"\0" * (1024 * 1024)
-        remaining = max(free - leave, 0)
         while remaining > 0:
             with contextlib.suppress(OSError):  # the last chunk may not fit exactly
                 handle.write(chunk[: min(len(chunk), remaining)])
@@ -78,15 +76,16 @@ async def test_a_full_disk_under_the_broker_loses_no_acked_event(
         ) as scenario:
             await scenario.start(consumers=2)
             for _ in range(runs):
-                filler = await asyncio.to_thread(_fill, small_disk, 64 * 1024)
                 errors = sum(scenario.ledger.errors.values())
 
                 async def publishers_saw_it(errors: int = errors) -> bool:
+                    # Blocks emptied by the consumers free space again: keep the disk full.
+                    await asyncio.to_thread(_fill, small_disk, 16 * 1024)
                     return sum(scenario.ledger.errors.values()) > errors + 10
 
                 await wait_until(publishers_saw_it, within=180, interval=0.2)
                 # Heal as an operator would: free the space, restart the broker.
-                filler.unlink()
+                (small_disk / "filler").unlink()
                 await asyncio.to_thread(nats_server.stop)
                 await asyncio.to_thread(nats_server.start)
                 await scenario.recovered(time.monotonic())
