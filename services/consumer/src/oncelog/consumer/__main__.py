@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 
+import asyncpg
 from prometheus_client import CollectorRegistry, start_http_server
 
 from oncelog.consumer.loop import Consumer
@@ -24,11 +25,12 @@ async def _watch(consumer: Consumer, stop: asyncio.Event) -> None:
     """Every few seconds, export the durable's lag, the stream's fill and the dependencies."""
     s = consumer.settings
     m = consumer.metrics
+    probe: asyncpg.Connection | None = None
     while not stop.is_set():
         try:
             info = await consumer.js.consumer_info(s.stream, s.durable, timeout=2)
             stream = await consumer.js.stream_info(s.stream)
-        except Exception:
+        except Exception:  # any failure of the check means "unreachable" for the gauge
             m.dependency_up.labels("nats").set(0)
         else:
             m.dependency_up.labels("nats").set(1)
@@ -38,11 +40,17 @@ async def _watch(consumer: Consumer, stop: asyncio.Event) -> None:
             m.stream_messages.set(stream.state.messages)
             m.stream_bytes.set(stream.state.bytes)
             m.stream_max_bytes.set(stream.config.max_bytes or 0)
+        # A connection of its own, not one from the pool: a probe that times out while
+        # PostgreSQL is away must never hold (or leak) a connection the commit workers need.
         try:
-            async with consumer.pool.acquire(timeout=2) as conn:
-                await conn.fetchval("SELECT 1", timeout=2)
-        except Exception:
+            if probe is None or probe.is_closed():
+                probe = await asyncpg.connect(s.database_url, timeout=3)
+            await probe.fetchval("SELECT 1", timeout=2)
+        except Exception:  # likewise
             m.dependency_up.labels("postgres").set(0)
+            if probe is not None:
+                probe.terminate()
+                probe = None
         else:
             m.dependency_up.labels("postgres").set(1)
         size = consumer.pool.get_size()
@@ -51,6 +59,8 @@ async def _watch(consumer: Consumer, stop: asyncio.Event) -> None:
         m.pool_connections.labels("idle").set(idle)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 5)
+    if probe is not None:
+        probe.terminate()
 
 
 async def serve(settings: ConsumerSettings) -> None:

@@ -26,6 +26,8 @@ __all__ = ["Consumer"]
 
 _log = logging.getLogger("oncelog.consumer")
 _V1_ACK_TOKENS = 9
+# Failures of the store that are expected while PostgreSQL is down or restarting.
+_STORE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
 def to_item(msg: Msg, prefix: str, max_bytes: int) -> Item:
@@ -76,6 +78,8 @@ class Consumer:
         self._buffer: list[Msg] = []
         self._arrived = asyncio.Event()
         self._committing = 0
+        # Longer than any statement may run (statement_timeout), so only a dead connection hits it.
+        self._commit_deadline = settings.statement_timeout_ms / 1000 + 15
 
     def _deliver(self, msg: Msg) -> None:
         self._buffer.append(msg)
@@ -105,10 +109,18 @@ class Consumer:
                     puller.reset()
                 await puller.top_up(len(self._buffer) + self._committing)
                 await _sleep_or_stop(stop, 0.05)
+                # A worker never ends on its own: if one did, fail loudly so the process is
+                # restarted, rather than idling with its messages unacked.
+                for task in tasks:
+                    if task.done() and not stop.is_set():
+                        stop.set()
+                        raise RuntimeError(
+                            "a commit worker ended unexpectedly"
+                        ) from task.exception()
         finally:
             await puller.stop()
             self._arrived.set()
-            await asyncio.gather(*tasks)
+            await asyncio.gather(*tasks, return_exceptions=True)
             # Whatever arrived but was not taken is handed back at once rather than after ack_wait.
             for msg in self._buffer:
                 with contextlib.suppress(Exception):
@@ -154,15 +166,16 @@ class Consumer:
         while True:
             started = time.perf_counter()
             try:
-                async with self.pool.acquire() as conn:
+                # Bounded waits: a pool that cannot hand out a connection, or a server that
+                # stops answering, turns into a retry instead of a worker stuck forever.
+                async with (
+                    asyncio.timeout(self._commit_deadline),
+                    self.pool.acquire(timeout=self._commit_deadline) as conn,
+                ):
                     outcome = await store_batch(conn, items, shard)
-            except (
-                asyncpg.PostgresError,
-                asyncpg.InterfaceError,
-                OSError,
-                TimeoutError,
-                RuntimeError,
-            ) as exc:
+            except Exception as exc:
+                # Any failure keeps the batch and retries it: nothing is acked before a commit.
+                unexpected = not isinstance(exc, _STORE_ERRORS)
                 attempt += 1
                 self.metrics.commit_failures.inc()
                 delay = min(self.settings.retry_max_seconds, 0.1 * 2**attempt) * random.uniform(
@@ -170,6 +183,7 @@ class Consumer:
                 )
                 _log.warning(
                     "store failed, retrying the batch",
+                    exc_info=unexpected,
                     extra={
                         "error": repr(exc),
                         "attempt": attempt,
