@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import Counter
@@ -31,7 +30,7 @@ from oncelog.events import (
     subject_for,
     topic_error,
 )
-from oncelog.platform.publish import PublishError, publish_until
+from oncelog.platform.publish import Outbound, PublishError, publish_many
 from oncelog.platform.stats import add_broker_duplicates
 
 __all__ = ["publish", "replay"]
@@ -55,43 +54,38 @@ def _max_payload(state: State) -> int:
 
 
 async def _publish_all(state: State, outgoing: Sequence[Outgoing]) -> list[PubAck]:
-    """Publish every event concurrently; record the broker's duplicates; 503 unless all acked.
+    """Publish every event; record the broker's duplicates; 503 unless all were acked.
 
-    Each event has PUBLISH_TIMEOUT_SECONDS from when its publish starts, so a large body takes
-    as long as the broker keeps acknowledging; the first event that runs out of time cancels the
-    rest, so a broker that is away costs one timeout, not one per batch of in-flight events.
-    Duplicates seen are recorded even then: they were dropped either way, and the client's
-    retry of the same body is counted again as what it is.
+    Events go out in slices of PUBLISH_INFLIGHT, each slice with PUBLISH_TIMEOUT_SECONDS from
+    when it starts, so a large body takes as long as the broker keeps acknowledging, while a
+    broker that is away costs one timeout. Duplicates seen are recorded even when a slice
+    fails: they were dropped either way, and the client's retry of the same body is counted
+    again as what it is.
     """
     settings = state.settings
-    js = state.js
-    gate = asyncio.Semaphore(settings.publish_inflight)
+    size = settings.publish_inflight
     acks: list[PubAck] = []
     dups: Counter[str] = Counter()
-
-    async def one(event: Outgoing) -> None:
-        async with gate:
-            ack = await publish_until(
-                js,
-                event.subject,
-                event.body,
-                event.msg_id,
+    failed = 0
+    for start in range(0, len(outgoing), size):
+        part = outgoing[start : start + size]
+        try:
+            got: Sequence[PubAck | None] = await publish_many(
+                state.js,
+                [Outbound(e.subject, e.body, e.msg_id) for e in part],
                 deadline=time.monotonic() + settings.publish_timeout_seconds,
             )
-        acks.append(ack)
-        if ack.duplicate:
-            dups[event.topic] += 1
-
-    failed = 0
-    try:
-        async with asyncio.TaskGroup() as group:
-            for event in outgoing:
-                group.create_task(one(event))
-    except* Exception as errors:
-        failed = len(outgoing) - len(acks)
-        for exc in errors.exceptions:
-            if not isinstance(exc, PublishError):
-                _log.error("publish failed unexpectedly: %r", exc)
+        except PublishError as exc:
+            got = exc.acks
+            failed = len(outgoing) - start - sum(ack is not None for ack in got)
+        for event, ack in zip(part, got, strict=False):
+            if ack is None:
+                continue
+            acks.append(ack)
+            if ack.duplicate:
+                dups[event.topic] += 1
+        if failed:
+            break
     metrics = state.metrics
     metrics.published.inc(len(acks))
     if dups:
