@@ -30,7 +30,7 @@ import asyncpg
 import httpx
 import nats
 
-from oncelog.platform import broker, db
+from oncelog.platform import migrate
 from oncelog.platform.embedded import NatsServer, PostgresServer, free_port
 from oncelog.platform.settings import CommonSettings, load
 
@@ -106,14 +106,7 @@ async def _prepare(s: Stack) -> None:
     admin = await asyncpg.connect(s.postgres.url())
     await admin.execute("CREATE DATABASE oncelog")
     await admin.close()
-    conn = await asyncpg.connect(s.settings.database_url)
-    await db.migrate(conn)
-    await conn.close()
-    nc = await nats.connect(s.nats.url)
-    js = nc.jetstream()
-    await broker.ensure_stream(js, s.settings)
-    await broker.ensure_consumer(js, s.settings)
-    await nc.close()
+    await migrate.run(s.settings, [], provision=True)
 
 
 def events(count: int, dup_rate: float, seed: int) -> tuple[list[tuple[str, str, bytes]], int]:

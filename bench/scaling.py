@@ -29,7 +29,7 @@ import asyncpg
 import nats
 import nats.js.errors
 
-from oncelog.platform import broker, db
+from oncelog.platform import migrate
 from oncelog.platform.embedded import NatsServer, PostgresServer, free_port
 from oncelog.platform.settings import CommonSettings, load
 
@@ -51,20 +51,13 @@ async def reset(postgres: PostgresServer, settings: CommonSettings) -> None:
         await admin.execute("CREATE DATABASE oncelog")
     finally:
         await admin.close()
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        await db.migrate(conn)
-    finally:
-        await conn.close()
     nc = await nats.connect(settings.nats_url)
     try:
-        js = nc.jetstream()
         with contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.delete_stream(settings.stream)
-        await broker.ensure_stream(js, settings)
-        await broker.ensure_consumer(js, settings)
+            await nc.jetstream().delete_stream(settings.stream)
     finally:
         await nc.close()
+    await migrate.run(settings, [], provision=True)
 
 
 async def preload(settings: CommonSettings, count: int, dup_rate: float, seed: int = 1) -> None:

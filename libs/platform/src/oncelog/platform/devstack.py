@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 import asyncpg
-import nats
 
-from oncelog.platform import broker, db, log
+from oncelog.platform import log, migrate
 from oncelog.platform.embedded import (
     EmbeddedError,
     NatsServer,
@@ -54,18 +53,7 @@ async def _prepare(postgres_url: str, settings: CommonSettings, create_db: bool)
                 await admin.execute(f'CREATE DATABASE "{DATABASE}"')
         finally:
             await admin.close()
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        await db.migrate(conn)
-    finally:
-        await conn.close()
-    nc = await nats.connect(settings.nats_url)
-    try:
-        js = nc.jetstream()
-        await broker.ensure_stream(js, settings)
-        await broker.ensure_consumer(js, settings)
-    finally:
-        await nc.close()
+    await migrate.run(settings, [], provision=True)
 
 
 def _start_prometheus(data: Path, replicas: int, metrics_port: int, api: str) -> PrometheusServer:
