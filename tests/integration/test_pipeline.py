@@ -249,3 +249,20 @@ async def test_two_consumers_racing_on_duplicates_store_each_key_once(
     assert stats["store_duplicates"] == keys * (copies - 1)
     # Each replica (and each of its commit workers) counts on its own shard rows.
     assert await pool.fetchval("SELECT count(DISTINCT shard) FROM topic_stats") >= 2
+
+
+async def test_a_message_delivered_twice_in_one_batch_is_counted_once(
+    js: JetStreamContext, settings: ConsumerSettings, pool: asyncpg.Pool
+) -> None:
+    """A redelivery that lands in the same batch as its first copy is stored and counted once."""
+    subject = f"{settings.subject_prefix}.twice"
+    await js.publish(subject, body("t-1"))
+    await js.publish(subject, b"{bad")
+    sub = await js.pull_subscribe_bind(durable=settings.durable, stream=settings.stream)
+    msgs = await sub.fetch(2, timeout=5)
+    await sub.unsubscribe()
+    items = [to_item(m, settings.subject_prefix, 1 << 20) for m in msgs]
+    async with pool.acquire() as conn:
+        await store_batch(conn, items + items, 3)
+    stats = await assert_invariants(pool)
+    assert (stats["received"], stats["stored"], stats["dead_lettered"]) == (2, 1, 1)

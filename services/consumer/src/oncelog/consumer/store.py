@@ -180,10 +180,16 @@ async def _store(conn: Conn, items: list[Item], shard: int, unstorable: dict[int
     counts: defaultdict[str, _Counts] = defaultdict(_Counts)
     valid: list[tuple[Item, Decoded]] = []
     dead: list[tuple[Item, Rejected]] = []
+    seen: set[int] = set()
     for item in items:
         if item.delivered > 1:
             counts[_topic_key(item)].redelivered += 1
             outcome.redelivered += 1
+        # A message held past ack_wait (the store was down) can be delivered again while its
+        # first copy still waits in the buffer: store and count each stream sequence once.
+        if item.seq in seen:
+            continue
+        seen.add(item.seq)
         if isinstance(item.result, Rejected):
             dead.append((item, item.result))
         elif item.seq in unstorable:
