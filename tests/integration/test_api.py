@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -15,14 +14,6 @@ from nats.js import JetStreamContext
 
 from helpers import api_client, running_consumer, totals, wait_until
 from oncelog.platform.settings import ConsumerSettings
-
-
-@pytest.fixture
-async def client(
-    settings: ConsumerSettings, js: JetStreamContext
-) -> AsyncIterator[AsyncTestClient[Any]]:
-    async with api_client(settings, rate_limit_per_second=0) as c:
-        yield c
 
 
 async def seed(

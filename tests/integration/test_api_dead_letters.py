@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import msgspec
-import pytest
 from litestar.testing import AsyncTestClient
 from nats.js import JetStreamContext
 
-from helpers import api_client, assert_invariants, running_consumer, totals, wait_until
+from helpers import assert_invariants, running_consumer, totals, wait_until
 from oncelog.platform.settings import ConsumerSettings
-
-
-@pytest.fixture
-async def client(
-    settings: ConsumerSettings, js: JetStreamContext
-) -> AsyncIterator[AsyncTestClient[Any]]:
-    async with api_client(settings, rate_limit_per_second=0) as c:
-        yield c
 
 
 async def dead_letter(

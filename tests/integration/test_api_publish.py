@@ -6,7 +6,6 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -16,14 +15,6 @@ from nats.js import JetStreamContext
 
 from helpers import api_client, assert_invariants, running_consumer, totals, wait_until
 from oncelog.platform.settings import ConsumerSettings
-
-
-@pytest.fixture
-async def client(
-    settings: ConsumerSettings, js: JetStreamContext
-) -> AsyncIterator[AsyncTestClient[Any]]:
-    async with api_client(settings, rate_limit_per_second=0) as c:
-        yield c
 
 
 async def stream_messages(js: JetStreamContext, settings: ConsumerSettings) -> int:
