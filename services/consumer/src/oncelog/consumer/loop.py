@@ -74,7 +74,6 @@ class Consumer:
         self.pool = pool
         self.metrics = metrics
         self.shard = shard
-        self.last_commit = 0.0
         self._buffer: list[Msg] = []
         self._arrived = asyncio.Event()
         self._committing = 0
@@ -199,7 +198,6 @@ class Consumer:
                     return None
                 continue
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
-            self.last_commit = time.time()
             return outcome
 
     def _observe(self, items: list[Item], outcome: Outcome) -> None:
