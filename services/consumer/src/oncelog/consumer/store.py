@@ -39,10 +39,13 @@ INSERT INTO duplicates (stream_seq, topic, event_id, received_at, first_received
 SELECT (d.r->>0)::bigint, e.topic, e.event_id, (d.r->>3)::timestamptz, e.received_at,
        e.payload = d.r->4
 FROM jsonb_array_elements($1::text::jsonb) AS d(r)
--- LATERAL pins the plan to one primary-key probe per duplicate, whatever the table size.
+-- One primary-key probe per duplicate, whatever the table size or its statistics: OFFSET 0
+-- keeps the planner from flattening the subquery into a join, which on an unanalysed table it
+-- turned into a hash join over a sequential scan of every stored event, once per batch.
 CROSS JOIN LATERAL (
     SELECT topic, event_id, received_at, payload, stream_seq FROM events
     WHERE topic = d.r->>1 AND event_id = d.r->>2
+    OFFSET 0
 ) e
 WHERE e.stream_seq <> (d.r->>0)::bigint
 ORDER BY 1
