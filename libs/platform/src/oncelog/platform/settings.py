@@ -67,7 +67,7 @@ class CommonSettings(BrokerSettings, frozen=True, kw_only=True):
 class ConsumerSettings(CommonSettings, frozen=True, kw_only=True):
     """Settings of one consumer replica."""
 
-    batch_size: Positive = 1000
+    batch_size: Positive = 4000
     # Transactions in flight at once per replica; each commits a batch while others fill.
     commit_workers: Annotated[int, msgspec.Meta(ge=1, le=16)] = 2
     # Lifetime of one pull request; the consumer re-issues them continuously.

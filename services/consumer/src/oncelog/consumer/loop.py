@@ -13,11 +13,11 @@ from datetime import UTC, datetime
 
 import asyncpg
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from oncelog.consumer.metrics import ConsumerMetrics
 from oncelog.consumer.pull import Puller
 from oncelog.consumer.store import Item, Outcome, store_batch
+from oncelog.consumer.wire import Delivered, Delivery, respond
 from oncelog.events import Decoded, decode_message
 from oncelog.platform.settings import ConsumerSettings
 from oncelog.platform.stats import STATS_SHARDS
@@ -30,24 +30,27 @@ _V1_ACK_TOKENS = 9
 _STORE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
-def to_item(msg: Msg, prefix: str, max_bytes: int) -> Item:
+def to_item(msg: Delivered, prefix: str, max_bytes: int) -> Item:
     """Decode one delivered message, keeping its stream position."""
     # The ack subject carries the delivery count, stream sequence and broker timestamp:
     # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or the same with
     # <domain>.<account hash> in front. Splitting it here is cheaper than nats-py's Metadata.
-    tokens = (msg.reply or "").split(".")
+    reply = msg.reply if isinstance(msg.reply, bytes) else msg.reply.encode()
+    tokens = reply.split(b".")
     shift = 0 if len(tokens) == _V1_ACK_TOKENS else 2
-    if len(tokens) < _V1_ACK_TOKENS or tokens[0] != "$JS" or tokens[1] != "ACK":
+    if len(tokens) < _V1_ACK_TOKENS or tokens[0] != b"$JS" or tokens[1] != b"ACK":
         raise ValueError(f"not a JetStream delivery: reply subject {msg.reply!r}")
     received_at = datetime.fromtimestamp(int(tokens[7 + shift]) / 1e9, UTC)
+    result = decode_message(msg.subject, msg.data, received_at, prefix, max_bytes)
     return Item(
         seq=int(tokens[5 + shift]),
         delivered=int(tokens[4 + shift]),
         subject=msg.subject,
         received_at=received_at,
-        headers=msg.headers,
+        # Raw off the wire: parsed only if the message ends up a dead letter.
+        headers=msg.raw_headers if isinstance(msg, Delivery) else msg.headers,
         data=msg.data,
-        result=decode_message(msg.subject, msg.data, received_at, prefix, max_bytes),
+        result=result,
     )
 
 
@@ -74,13 +77,13 @@ class Consumer:
         self.pool = pool
         self.metrics = metrics
         self.shard = shard
-        self._buffer: list[Msg] = []
+        self._buffer: list[Delivered] = []
         self._arrived = asyncio.Event()
         self._committing = 0
         # Longer than any statement may run (statement_timeout), so only a dead connection hits it.
         self._commit_deadline = settings.statement_timeout_ms / 1000 + 15
 
-    def _deliver(self, msg: Msg) -> None:
+    def _deliver(self, msg: Delivered) -> None:
         self._buffer.append(msg)
         self._arrived.set()
 
@@ -121,9 +124,8 @@ class Consumer:
             self._arrived.set()
             await asyncio.gather(*tasks, return_exceptions=True)
             # Whatever arrived but was not taken is handed back at once rather than after ack_wait.
-            for msg in self._buffer:
-                with contextlib.suppress(Exception):
-                    await msg.nak()
+            with contextlib.suppress(Exception):
+                await respond(self.nc, self._buffer, b"-NAK")
             self._buffer.clear()
 
     async def _work(self, puller: Puller, stop: asyncio.Event, shard: int) -> None:
@@ -143,7 +145,7 @@ class Consumer:
                 self._committing -= len(batch)
 
     async def handle(
-        self, msgs: Sequence[Msg], stop: asyncio.Event, shard: int | None = None
+        self, msgs: Sequence[Delivered], stop: asyncio.Event, shard: int | None = None
     ) -> None:
         """Store one batch (retrying while the store fails), then ack every message of it."""
         s = self.settings
@@ -151,15 +153,14 @@ class Consumer:
         outcome = await self._commit(items, msgs, stop, self.shard if shard is None else shard)
         if outcome is None:
             # Shutting down with the batch uncommitted: hand it back for another replica.
-            for msg in msgs:
-                with contextlib.suppress(Exception):
-                    await msg.nak()
+            with contextlib.suppress(Exception):
+                await respond(self.nc, msgs, b"-NAK")
             return
-        await ack_all(self.nc, msgs)
+        await respond(self.nc, msgs)
         self._observe(items, outcome)
 
     async def _commit(
-        self, items: list[Item], msgs: Sequence[Msg], stop: asyncio.Event, shard: int
+        self, items: list[Item], msgs: Sequence[Delivered], stop: asyncio.Event, shard: int
     ) -> Outcome | None:
         attempt = 0
         while True:
@@ -191,9 +192,8 @@ class Consumer:
                     },
                 )
                 # Keep the batch ours while the store is down, rather than letting it bounce.
-                for msg in msgs:
-                    with contextlib.suppress(Exception):
-                        await msg.in_progress()
+                with contextlib.suppress(Exception):
+                    await respond(self.nc, msgs, b"+WPI")
                 if await _sleep_or_stop(stop, delay):
                     return None
                 continue
@@ -268,23 +268,6 @@ def _decision(seq: int, outcome: Outcome) -> str:
     if seq in outcome.dead:
         return "dead_lettered"
     return "already_counted"
-
-
-async def ack_all(nc: Client, msgs: Sequence[Msg]) -> None:
-    """Ack every message: an empty publish to each reply subject is JetStream's +ACK.
-
-    One write of all PUB commands costs a fraction of one client publish per message, the
-    largest cost of a drain after decoding. While disconnected, fall back to the client's
-    buffered publish path; an ack that never arrives only means a redelivery.
-    """
-    send = getattr(nc, "_send_command", None)
-    kick = getattr(nc, "_flush_pending", None)
-    if send is None or kick is None or not nc.is_connected:
-        for msg in msgs:
-            await nc.publish(msg.reply)
-        return
-    await send(b"".join(b"PUB %s 0\r\n\r\n" % msg.reply.encode() for msg in msgs))
-    await kick()
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:

@@ -1,9 +1,10 @@
 """A pull-request driver for the durable: one inbox, credit-based requests, status handling.
 
 nats-py's `fetch()` awaits every message through a timeout wrapper and tops out far below what
-one core can decode. This driver subscribes one inbox with a callback, sends its own pull
-requests to `$JS.API.CONSUMER.MSG.NEXT.<stream>.<durable>` and keeps a bounded number of
-messages requested, so deliveries flow while earlier batches are being committed.
+one core can decode. This driver subscribes one inbox, sends its own pull requests to
+`$JS.API.CONSUMER.MSG.NEXT.<stream>.<durable>` and keeps a bounded number of messages
+requested, so deliveries flow while earlier batches are being committed. Deliveries come
+straight off the wire (see `wire.py`); status messages take nats-py's path.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
+from oncelog.consumer.wire import Delivered, Delivery, install
 
 __all__ = ["Puller"]
 
@@ -43,7 +46,7 @@ class Puller:
         nc: Client,
         stream: str,
         durable: str,
-        deliver: Callable[[Msg], None],
+        deliver: Callable[[Delivered], None],
         *,
         batch: int,
         window: int,
@@ -59,7 +62,7 @@ class Puller:
         self.requests: deque[_Request] = deque()
         self.inbox = ""
         self.sub: Subscription | None = None
-        self.last_seen = time.monotonic()
+        self.uninstall: Callable[[], None] = lambda: None
 
     async def start(self) -> None:
         """Subscribe the delivery inbox."""
@@ -69,16 +72,24 @@ class Puller:
         self.sub = await self.nc.subscribe(
             self.inbox, cb=self._on_msg, pending_msgs_limit=self.window * 4, pending_bytes_limit=-1
         )
+        self.uninstall = install(self.nc, self.sub._id, self._on_frame)
 
     async def stop(self) -> None:
         """Stop receiving; anything delivered afterwards is redelivered after ack_wait."""
+        self.uninstall()
         if self.sub is not None:
             with contextlib.suppress(Exception):
                 await self.sub.unsubscribe()
             self.sub = None
 
+    def _on_frame(self, subject: bytes, reply: bytes, headers: bytes | None, data: bytes) -> bool:
+        if headers is not None and not data:
+            return False  # a status message: nats-py parses it and calls _on_msg
+        self.outstanding -= 1
+        self.deliver(Delivery(subject.decode(), reply, headers, data))
+        return True
+
     async def _on_msg(self, msg: Msg) -> None:
-        self.last_seen = time.monotonic()
         headers = msg.headers
         if headers and not msg.data and (status := headers.get("Status")):
             if status in _TERMINAL:

@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from oncelog.consumer.wire import parse_headers
 from oncelog.events import Decoded, Rejected
 from oncelog.platform.db import Conn
 
@@ -97,7 +98,8 @@ class Item(msgspec.Struct):
     delivered: int
     subject: str
     received_at: datetime
-    headers: dict[str, str] | None
+    # As parsed by nats-py, or the raw header block as it came off the wire.
+    headers: dict[str, str] | bytes | None
     data: bytes
     result: Decoded | Rejected
 
@@ -270,7 +272,7 @@ async def _insert_dead(
         [item.seq for item, _ in dead],
         [item.subject for item, _ in dead],
         topics,
-        [_headers_encoder.encode(item.headers or {}).decode() for item, _ in dead],
+        [_headers_encoder.encode(_headers(item)).decode() for item, _ in dead],
         [item.data[:DEAD_RAW_LIMIT] for item, _ in dead],
         [len(item.data) for item, _ in dead],
         [rejected.reason for _, rejected in dead],
@@ -282,6 +284,13 @@ async def _insert_dead(
         c.received += 1
         c.dead += 1
         outcome.dead[seq] = codes[seq]
+
+
+def _headers(item: Item) -> dict[str, str]:
+    headers = item.headers
+    if isinstance(headers, bytes):
+        return parse_headers(headers)
+    return headers or {}
 
 
 async def _upsert_stats(conn: Conn, counts: dict[str, _Counts], shard: int) -> None:
