@@ -87,8 +87,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     terminalreporter.section("fault scenarios")
     for line in lines:
         terminalreporter.write_line(line)
-    if config.cache is not None:
-        folder = config.cache.mkdir("faults")
+    # No cache when pytest runs with `-p no:cacheprovider`: the table is printed only.
+    if (cache := getattr(config, "cache", None)) is not None:
+        folder = cache.mkdir("faults")
         stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         (folder / "results.md").write_text(f"Measured {stamp}.\n\n" + "\n".join(lines) + "\n")
         (folder / "results.json").write_text(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -63,7 +64,8 @@ async def test_a_full_disk_under_the_broker_loses_no_acked_event(
     tmp_path: Path,
     fleet_factory: Callable[[ConsumerSettings], Fleet],
 ) -> None:
-    """When the broker's disk fills, publishers see timeouts and retry; after space is freed and nats-server restarted, no acked event is lost."""
+    """When the broker's disk fills, publishers see timeouts and retry; after space is freed and
+    nats-server restarted, no acked event is lost."""
     nats_server = NatsServer(small_disk / "store")
     nats_server.log_file = tmp_path / "nats.log"
     nats_server.start()
@@ -83,7 +85,15 @@ async def test_a_full_disk_under_the_broker_loses_no_acked_event(
                     await asyncio.to_thread(_fill, small_disk, 16 * 1024)
                     return sum(scenario.ledger.errors.values()) > errors + 10
 
-                await wait_until(publishers_saw_it, within=180, interval=0.2)
+                # A disk fills while consumers lag: paused, they free no blocks, so the
+                # broker runs out of space within seconds whatever their speed.
+                for member in fleet.members:
+                    member.signal(signal.SIGSTOP)
+                try:
+                    await wait_until(publishers_saw_it, within=180, interval=0.2)
+                finally:
+                    for member in fleet.members:
+                        member.signal(signal.SIGCONT)
                 # Heal as an operator would: free the space, restart the broker.
                 (small_disk / "filler").unlink()
                 await asyncio.to_thread(nats_server.stop)
