@@ -266,3 +266,22 @@ async def test_a_message_delivered_twice_in_one_batch_is_counted_once(
         await store_batch(conn, items + items, 3)
     stats = await assert_invariants(pool)
     assert (stats["received"], stats["stored"], stats["dead_lettered"]) == (2, 1, 1)
+
+
+async def test_a_nul_in_the_event_id_and_its_msg_id_is_dead_lettered(
+    js: JetStreamContext, settings: ConsumerSettings, pool: asyncpg.Pool
+) -> None:
+    """PostgreSQL text cannot hold NUL: the event is a dead letter, and the letter itself,
+    headers included, is stored rather than retried forever."""
+    subject = f"{settings.subject_prefix}.nul"
+    data = body("a\u0000b")
+    await js.publish(subject, data, headers={"Nats-Msg-Id": "nul:a\u0000b"})
+    await js.publish(subject, body("after"))
+    async with running_consumer(settings, js, pool):
+        await wait_until(lambda: _totals_received(pool, 2))
+    letter = await one(pool, "SELECT * FROM dead_letters")
+    assert letter["reason"].startswith("PostgreSQL refused the event")
+    assert bytes(letter["raw"]) == data
+    assert json.loads(letter["headers"]) == {"Nats-Msg-Id": "nul:a\ufffdb"}
+    assert [r["event_id"] for r in await pool.fetch("SELECT event_id FROM events")] == ["after"]
+    await assert_invariants(pool)

@@ -7,7 +7,7 @@ import random
 import pytest
 from nats.aio.client import Client
 
-from oncelog.consumer.wire import FastParser, Sink, install, parse_headers
+from oncelog.platform.wire import FastParser, Sink, install, parse_headers
 
 Frame = tuple[bytes, bytes, bytes | None, bytes]
 

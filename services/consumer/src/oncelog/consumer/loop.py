@@ -17,10 +17,10 @@ from nats.aio.client import Client
 from oncelog.consumer.metrics import ConsumerMetrics
 from oncelog.consumer.pull import Puller
 from oncelog.consumer.store import Item, Outcome, store_batch
-from oncelog.consumer.wire import Delivered, Delivery, respond
 from oncelog.events import Decoded, decode_message
 from oncelog.platform.settings import ConsumerSettings
 from oncelog.platform.stats import STATS_SHARDS
+from oncelog.platform.wire import Delivered, Delivery, respond
 
 __all__ = ["Consumer"]
 

@@ -20,7 +20,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from oncelog.consumer.wire import Delivered, Delivery, install
+from oncelog.platform.wire import Delivered, Delivery, install
 
 __all__ = ["Puller"]
 

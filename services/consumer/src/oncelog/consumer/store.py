@@ -9,9 +9,9 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from oncelog.consumer.wire import parse_headers
 from oncelog.events import Decoded, Rejected
 from oncelog.platform.db import Conn
+from oncelog.platform.wire import parse_headers
 
 __all__ = ["DEAD_RAW_LIMIT", "Item", "Outcome", "store_batch"]
 
@@ -267,15 +267,17 @@ async def _insert_dead(
     outcome: Outcome,
 ) -> None:
     topics = [_topic_key(item) for item, _ in dead]
+    # A dead letter must always be storable: text PostgreSQL refuses (a NUL character, say in
+    # a Msg-Id header) is made visible instead, while `raw` keeps the exact bytes.
     rows = await conn.fetch(
         _INSERT_DEAD,
         [item.seq for item, _ in dead],
-        [item.subject for item, _ in dead],
-        topics,
+        [_storable(item.subject) for item, _ in dead],
+        [_storable(topic) for topic in topics],
         [_headers_encoder.encode(_headers(item)).decode() for item, _ in dead],
         [item.data[:DEAD_RAW_LIMIT] for item, _ in dead],
         [len(item.data) for item, _ in dead],
-        [rejected.reason for _, rejected in dead],
+        [_storable(rejected.reason) for _, rejected in dead],
         [item.received_at for item, _ in dead],
     )
     codes = {item.seq: rejected.code for item, rejected in dead}
@@ -286,11 +288,15 @@ async def _insert_dead(
         outcome.dead[seq] = codes[seq]
 
 
+def _storable(text: str) -> str:
+    return text.replace("\x00", "\ufffd")
+
+
 def _headers(item: Item) -> dict[str, str]:
     headers = item.headers
     if isinstance(headers, bytes):
-        return parse_headers(headers)
-    return headers or {}
+        headers = parse_headers(headers)
+    return {_storable(k): _storable(v) for k, v in (headers or {}).items()}
 
 
 async def _upsert_stats(conn: Conn, counts: dict[str, _Counts], shard: int) -> None:
