@@ -1,10 +1,11 @@
-"""The delivery path at wire level: raw deliveries, a fast protocol parser, bulk replies.
+"""The hot paths at wire level: raw deliveries, a fast protocol parser, bulk replies.
 
-nats-py turns every delivered message into a `Msg` through a regular expression, a header
-parse, a queue and a task switch: about a third of the consumer's CPU in a drain. For the
-one inbox the consumer pulls into, `FastParser` cuts each MSG/HMSG frame out of the read
-buffer and hands its parts to a plain function; every other frame, and every other
-subscription, goes through nats-py exactly as before.
+nats-py turns every message it receives into a `Msg` through a regular expression, a header
+parse, a queue and a task switch: about a third of the consumer's CPU in a drain, and most of
+the gateway's when it reads PubAcks. For the subscriptions registered here (the consumer's
+pull inbox, the publishers' PubAck inbox) `FastParser` cuts each MSG/HMSG frame out of the
+read buffer and hands its parts to a plain function; every other frame and subscription goes
+through nats-py exactly as before.
 """
 
 from __future__ import annotations
