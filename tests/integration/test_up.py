@@ -56,15 +56,17 @@ class Stack:
             "DUPLICATE_WINDOW_SECONDS": "2",
         }
         self.proc: subprocess.Popen[bytes] | None = None
+        self.log = data.parent / "up.log"
 
     @property
     def api(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
     def up(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "oncelog.platform.devstack"], env=self.env
-        )
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "oncelog.platform.devstack"], env=self.env, stderr=log
+            )
         wait_for(lambda: get_json(self.api + "/ready")[0] == 200, 60, "readiness")
 
     def down(self) -> None:
@@ -144,3 +146,9 @@ def test_up_publish_restart_keeps_every_event_once(stack: Stack) -> None:
     _, again = get_json(stack.api + "/stats")
     for key in ("received", "unique_processed", "duplicate_dropped", "per_topic"):
         assert again[key] == stats[key]
+    # Every service logs JSON lines, the API's web server included; only the banner is prose.
+    lines = [line for line in stack.log.read_text().splitlines() if line.strip()]
+    prose = [line for line in lines if not line.startswith("{")]
+    assert all(line.startswith(("oncelog is up", "Publish with")) for line in prose), prose
+    loggers = {json.loads(line)["logger"] for line in lines if line.startswith("{")}
+    assert {"oncelog.consumer", "oncelog.embedded"} <= loggers

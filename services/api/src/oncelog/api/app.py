@@ -109,6 +109,8 @@ def create_app(settings: ApiSettings) -> Litestar:
         before_send=[count_unmatched],
         exception_handlers=exception_handlers,
         request_max_body_size=settings.max_body_bytes,
+        # Logging is set up by oncelog.platform.log (JSON lines); Litestar must not replace it.
+        logging_config=None,
         openapi_config=OpenAPIConfig(
             title="oncelog",
             version="0.1.0",
