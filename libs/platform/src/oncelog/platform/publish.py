@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
-from oncelog.platform.wire import install
+from oncelog.platform.wire import can_write, install, write
 
 __all__ = ["RETRYABLE", "Outbound", "PublishError", "publish_many"]
 
@@ -68,8 +68,8 @@ async def publish_many(
 ) -> list[PubAck]:
     """Publish every message and wait for all PubAcks; return them in the order given.
 
-    All messages go out back to back on one shared reply subscription (nats-py's
-    publish_async) and their acks are awaited together, which costs a fraction of one
+    All messages go out back to back, replies to one wildcard inbox per client (see
+    `_AckInbox`), and their acks are awaited together, which costs a fraction of one
     request-reply per message. Messages without an ack (timeout, error, full stream) are sent
     again with the same Msg-Id, under jittered backoff, until `deadline` (monotonic) passes;
     then PublishError names how many are missing. `on_retry` hears how many are sent again.
@@ -162,6 +162,7 @@ class _AckInbox:
         if nc in _INBOXES:
             return _INBOXES[nc]
         inbox: _AckInbox | None = None
+        # Decided once per client, connected or not: only whether nats-py has the hooks.
         if hasattr(nc, "_send_command") and hasattr(nc, "_flush_pending"):
             subject = nc.new_inbox()
             inbox = cls(nc, subject.encode() + b".")
@@ -173,7 +174,7 @@ class _AckInbox:
     def can_send(self, messages: Sequence[Outbound]) -> bool:
         """Whether the fast path applies: connected, and nothing nats-py would refuse."""
         nc = self.nc
-        if not nc.is_connected or nc.is_draining_pubs:
+        if not can_write(nc) or nc.is_draining_pubs:
             return False
         limit = nc.max_payload - 256
         return all(len(m.body) + len(m.msg_id) < limit for m in messages)
@@ -211,8 +212,7 @@ class _AckInbox:
                 )
             )
         self.nc.stats["out_msgs"] += len(frames)
-        await self.nc._send_command(b"".join(frames))
-        await self.nc._flush_pending()
+        await write(self.nc, b"".join(frames))
         return futures
 
     def _on_frame(self, subject: bytes, reply: bytes, headers: bytes | None, data: bytes) -> bool:

@@ -23,9 +23,20 @@ from nats.protocol.parser import (
     Parser,
 )
 
-__all__ = ["Delivered", "Delivery", "FastParser", "Sink", "install", "parse_headers", "respond"]
+__all__ = [
+    "Delivered",
+    "Delivery",
+    "FastParser",
+    "Sink",
+    "can_write",
+    "install",
+    "parse_headers",
+    "reply_bytes",
+    "respond",
+    "write",
+]
 
-_log = logging.getLogger("oncelog.consumer")
+_log = logging.getLogger("oncelog.wire")
 _CRLF = b"\r\n"
 
 # What a sink gets: subject, reply subject, raw headers (or None) and the body. It returns
@@ -178,6 +189,22 @@ def install(nc: Client, sid: int, sink: Sink) -> Callable[[], None]:
     return lambda: sinks.pop(sid, None) and None
 
 
+def reply_bytes(msg: Delivered) -> bytes:
+    """Return a message's reply subject as bytes, whichever path delivered it."""
+    return msg.reply if isinstance(msg.reply, bytes) else msg.reply.encode()
+
+
+def can_write(nc: Client) -> bool:
+    """Whether `write` can put frames on the wire now: connected, with nats-py's hooks."""
+    return nc.is_connected and hasattr(nc, "_send_command") and hasattr(nc, "_flush_pending")
+
+
+async def write(nc: Client, frames: bytes) -> None:
+    """Queue protocol frames on the client's outbound buffer and flush them in one write."""
+    await nc._send_command(frames)
+    await nc._flush_pending()
+
+
 async def respond(nc: Client, replies: Sequence[Delivered], body: bytes = b"") -> None:
     """Publish `body` to each message's reply subject in one write.
 
@@ -185,13 +212,10 @@ async def respond(nc: Client, replies: Sequence[Delivered], body: bytes = b"") -
     ack_wait. While disconnected, fall back to the client's buffered publish path; an ack
     that never arrives only means a redelivery.
     """
-    send = getattr(nc, "_send_command", None)
-    kick = getattr(nc, "_flush_pending", None)
-    subjects = [m.reply if isinstance(m.reply, bytes) else m.reply.encode() for m in replies]
-    if send is None or kick is None or not nc.is_connected:
+    subjects = [reply_bytes(m) for m in replies]
+    if not can_write(nc):
         for subject in subjects:
             await nc.publish(subject.decode(), body)
         return
     frame = b"%d\r\n%s\r\n" % (len(body), body)
-    await send(b"".join(b"PUB %s %s" % (subject, frame) for subject in subjects))
-    await kick()
+    await write(nc, b"".join(b"PUB %s %s" % (subject, frame) for subject in subjects))

@@ -20,7 +20,7 @@ from oncelog.consumer.store import Item, Outcome, store_batch
 from oncelog.events import Decoded, decode_message
 from oncelog.platform.settings import ConsumerSettings
 from oncelog.platform.stats import STATS_SHARDS
-from oncelog.platform.wire import Delivered, Delivery, respond
+from oncelog.platform.wire import Delivered, Delivery, reply_bytes, respond
 
 __all__ = ["Consumer"]
 
@@ -35,8 +35,7 @@ def to_item(msg: Delivered, prefix: str, max_bytes: int) -> Item:
     # The ack subject carries the delivery count, stream sequence and broker timestamp:
     # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or the same with
     # <domain>.<account hash> in front. Splitting it here is cheaper than nats-py's Metadata.
-    reply = msg.reply if isinstance(msg.reply, bytes) else msg.reply.encode()
-    tokens = reply.split(b".")
+    tokens = reply_bytes(msg).split(b".")
     shift = 0 if len(tokens) == _V1_ACK_TOKENS else 2
     if len(tokens) < _V1_ACK_TOKENS or tokens[0] != b"$JS" or tokens[1] != b"ACK":
         raise ValueError(f"not a JetStream delivery: reply subject {msg.reply!r}")
