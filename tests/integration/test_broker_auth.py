@@ -15,7 +15,7 @@ import nats.errors
 import pytest
 
 from oncelog.platform import broker
-from oncelog.platform.embedded import NatsServer
+from oncelog.platform.embedded import EmbeddedError, NatsServer
 from oncelog.platform.settings import BrokerSettings, load
 
 
@@ -46,6 +46,17 @@ async def connects(environ: dict[str, str]) -> bool:
         return nc.is_connected
     finally:
         await nc.close()
+
+
+def test_refused_config_is_reported_and_cleaned_up(tmp_path: Path) -> None:
+    """A config nats-server refuses fails start() with the server's reason, and leaks nothing.
+
+    The suite turns ResourceWarning into an error, so a log handle left open here fails it.
+    """
+    with pytest.raises(EmbeddedError, match="exited with 1 while starting") as refused:
+        start(tmp_path, "authorization { token: $ONCELOG_TEST_UNSET_VARIABLE }\n")
+    assert "ONCELOG_TEST_UNSET_VARIABLE" in str(refused.value)
+    gc.collect()
 
 
 @pytest.fixture

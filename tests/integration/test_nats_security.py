@@ -54,8 +54,13 @@ class Login:
 
 @pytest.fixture(scope="module")
 def passwords() -> dict[str, str]:
-    """Return a fresh random password per user."""
-    return {user: secrets.token_urlsafe(16) for user in USERS}
+    """Return a fresh random password per user, in the form docs/deploy.md generates.
+
+    That is 48 letters a-p; nats-server misreads some hex or base64 values (a leading "-", all
+    digits) as numbers.
+    """
+    letters = str.maketrans("0123456789", "ghijklmnop")
+    return {user: secrets.token_hex(24).translate(letters) for user in USERS}
 
 
 @pytest.fixture(scope="module")

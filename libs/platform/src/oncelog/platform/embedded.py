@@ -111,25 +111,11 @@ def _system_user(name: str) -> pwd.struct_passwd:
         return pwd.getpwnam(name)
 
 
-def _wait(
-    ready: Callable[[], bool], proc: subprocess.Popen[bytes], what: str, log: Path, timeout: float
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
-            raise EmbeddedError(f"{what} exited with {proc.returncode} while starting:\n{tail}")
-        if ready():
-            return
-        time.sleep(0.05)
-    tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
-    raise EmbeddedError(f"{what} was not ready after {timeout:.0f}s:\n{tail}")
-
-
 class _Server:
     """A child process with a log file, stopped gracefully or killed on demand."""
 
     proc: subprocess.Popen[bytes] | None = None
+    log_file: Path
     _log_handle: IO[bytes] | None = None
     # The signal that asks for a graceful stop; PostgreSQL's fast shutdown is SIGINT.
     stop_signal: int = signal.SIGTERM
@@ -174,6 +160,23 @@ class _Server:
             user=user,
             preexec_fn=lambda: die_with_parent(death_signal),  # noqa: PLW1509
         )
+
+    def _wait(self, ready: Callable[[], bool], what: str, timeout: float) -> None:
+        """Wait until `ready()`; a server that exits or stays unready is killed and reported."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = self.proc.poll() if self.proc is not None else None
+            if code is not None:
+                failure = f"{what} exited with {code} while starting"
+                break
+            if ready():
+                return
+            time.sleep(0.05)
+        else:
+            failure = f"{what} was not ready after {timeout:.0f}s"
+        self.kill()
+        tail = self.log_file.read_text(errors="replace")[-4000:] if self.log_file.exists() else ""
+        raise EmbeddedError(f"{failure}:\n{tail}")
 
     def _stop(self, sig: int, timeout: float) -> None:
         if self.proc is None:
@@ -260,7 +263,7 @@ class NatsServer(_Server):
         ]  # fmt: skip
         self._spawn(argv, self.log_file, signal.SIGTERM, None)
         assert self.proc is not None
-        _wait(self._healthy, self.proc, "nats-server", self.log_file, timeout)
+        self._wait(self._healthy, "nats-server", timeout)
         _log.info("nats-server ready", extra={"url": self.url, "store": str(self.store_dir)})
         return self
 
@@ -355,7 +358,7 @@ class PostgresServer(_Server):
         # SIGINT is PostgreSQL's fast shutdown: it rolls back open transactions and checkpoints.
         self._spawn(argv, self.log_file, signal.SIGINT, self.user)
         assert self.proc is not None
-        _wait(self._ready, self.proc, "postgres", self.log_file, timeout)
+        self._wait(self._ready, "postgres", timeout)
         _log.info("postgres ready", extra={"url": self.url(), "data": str(self.data_dir)})
         return self
 
@@ -408,7 +411,7 @@ class PrometheusServer(_Server):
         ]
         self._spawn(argv, self.log_file, signal.SIGTERM, None)
         assert self.proc is not None
-        _wait(self._ready, self.proc, "prometheus", self.log_file, timeout)
+        self._wait(self._ready, "prometheus", timeout)
         _log.info("prometheus ready", extra={"url": self.url})
         return self
 
