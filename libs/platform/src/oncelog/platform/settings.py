@@ -70,6 +70,9 @@ class ConsumerSettings(CommonSettings, frozen=True, kw_only=True):
     batch_size: Positive = 4000
     # Transactions in flight at once per replica; each commits a batch while others fill.
     commit_workers: Annotated[int, msgspec.Meta(ge=1, le=16)] = 2
+    # Bytes of messages one replica has requested, buffered or committing at once; raised to
+    # what one message of the server's max_payload needs if set lower.
+    max_inflight_bytes: Positive = 64 * 1024 * 1024
     # Lifetime of one pull request; the consumer re-issues them continuously.
     fetch_timeout_seconds: PositiveFloat = 2.0
     metrics_port: Port = 9464

@@ -58,15 +58,20 @@ class Delivered(Protocol):
 
 
 class Delivery:
-    """One message as it came off the wire; headers are parsed only when asked for."""
+    """One message as it came off the wire; headers are parsed only when asked for.
 
-    __slots__ = ("data", "raw_headers", "reply", "subject")
+    `size` is subject + reply + header block + body: what JetStream charges against a pull
+    request's `max_bytes`.
+    """
+
+    __slots__ = ("data", "raw_headers", "reply", "size", "subject")
 
     def __init__(self, subject: str, reply: bytes, raw_headers: bytes | None, data: bytes) -> None:
         self.subject = subject
         self.reply = reply
         self.raw_headers = raw_headers
         self.data = data
+        self.size = len(subject) + len(reply) + len(data) + (len(raw_headers) if raw_headers else 0)
 
     @property
     def headers(self) -> dict[str, str] | None:

@@ -15,7 +15,7 @@ import asyncpg
 from nats.aio.client import Client
 
 from oncelog.consumer.metrics import ConsumerMetrics
-from oncelog.consumer.pull import Puller
+from oncelog.consumer.pull import Puller, message_size
 from oncelog.consumer.store import Item, Outcome, store_batch
 from oncelog.events import Decoded, decode_message
 from oncelog.platform.settings import ConsumerSettings
@@ -79,10 +79,13 @@ class Consumer:
         self._buffer: list[Delivered] = []
         self._arrived = asyncio.Event()
         self._committing = 0
+        # Bytes delivered and not yet acked or handed back (buffered or committing).
+        self._held_bytes = 0
         # Longer than any statement may run (statement_timeout), so only a dead connection hits it.
         self._commit_deadline = settings.statement_timeout_ms / 1000 + 15
 
     def _deliver(self, msg: Delivered) -> None:
+        self._held_bytes += message_size(msg)
         self._buffer.append(msg)
         self._arrived.set()
 
@@ -97,6 +100,7 @@ class Consumer:
             self._deliver,
             batch=s.batch_size,
             window=s.batch_size * (workers + 1),
+            max_bytes=s.max_inflight_bytes,
             expires=s.fetch_timeout_seconds,
         )
         await puller.start()
@@ -108,7 +112,8 @@ class Consumer:
             while not stop.is_set():
                 if not self.nc.is_connected:
                     puller.reset()
-                await puller.top_up(len(self._buffer) + self._committing)
+                await puller.top_up(len(self._buffer) + self._committing, self._held_bytes)
+                self.metrics.held_bytes.set(self._held_bytes)
                 await _sleep_or_stop(stop, 0.05)
                 # A worker never ends on its own: if one did, fail loudly so the process is
                 # restarted, rather than idling with its messages unacked.
@@ -126,6 +131,7 @@ class Consumer:
             with contextlib.suppress(Exception):
                 await respond(self.nc, self._buffer, b"-NAK")
             self._buffer.clear()
+            self._held_bytes = 0
 
     async def _work(self, puller: Puller, stop: asyncio.Event, shard: int) -> None:
         size = self.settings.batch_size
@@ -138,10 +144,11 @@ class Consumer:
             del self._buffer[:size]
             self._committing += len(batch)
             try:
-                await puller.top_up(len(self._buffer) + self._committing)
+                await puller.top_up(len(self._buffer) + self._committing, self._held_bytes)
                 await self.handle(batch, stop, shard)
             finally:
                 self._committing -= len(batch)
+                self._held_bytes -= sum(map(message_size, batch))
 
     async def handle(
         self, msgs: Sequence[Delivered], stop: asyncio.Event, shard: int | None = None

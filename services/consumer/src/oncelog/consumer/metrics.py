@@ -122,6 +122,11 @@ class ConsumerMetrics:
             "Messages the durable is currently redelivering.",
             registry=registry,
         )
+        self.held_bytes = Gauge(
+            "oncelog_consumer_held_bytes",
+            "Bytes of messages this replica holds: delivered, not yet acked or handed back.",
+            registry=registry,
+        )
         self.stream_messages = Gauge(
             "oncelog_stream_messages", "Messages held by the stream.", registry=registry
         )

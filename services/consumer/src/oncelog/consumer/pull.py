@@ -5,6 +5,10 @@ one core can decode. This driver subscribes one inbox, sends its own pull reques
 `$JS.API.CONSUMER.MSG.NEXT.<stream>.<durable>` and keeps a bounded number of messages
 requested, so deliveries flow while earlier batches are being committed. Deliveries come
 straight off the wire (see `wire.py`); status messages take nats-py's path.
+
+Requests are bounded in bytes as well as in messages: each carries `max_bytes`, so the bytes
+requested plus the bytes held stay within a budget whatever the size of the messages. The
+server counts a message as subject + reply + headers + body, and so does `message_size`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from nats.aio.subscription import Subscription
 
 from oncelog.platform.wire import Delivered, Delivery, install
 
-__all__ = ["Puller"]
+__all__ = ["REQUEST_HEADROOM", "Puller", "message_size"]
 
 _log = logging.getLogger("oncelog.consumer")
 _encoder = msgspec.json.Encoder()
@@ -32,6 +36,20 @@ _encoder = msgspec.json.Encoder()
 _TERMINAL = frozenset({"404", "408", "409"})
 _HEARTBEAT = "100"
 
+# A request must have room for the largest message the server accepts (`max_payload`) plus its
+# subject and reply, or the server ends it with 409 and that message would never be delivered.
+REQUEST_HEADROOM = 64 * 1024
+
+
+def message_size(msg: Delivered) -> int:
+    """Return the size the server charges a delivery against a request's `max_bytes`."""
+    if isinstance(msg, Delivery):
+        return msg.size
+    # nats-py parsed these headers: "NATS/1.0\r\n", then "Name: value\r\n" each, then "\r\n".
+    parsed = msg.headers
+    headers = sum(len(k) + len(v) + 4 for k, v in parsed.items()) + 12 if parsed else 0
+    return len(msg.subject) + len(msg.reply) + headers + len(msg.data)
+
 
 class _Request(msgspec.Struct):
     size: int
@@ -39,7 +57,10 @@ class _Request(msgspec.Struct):
 
 
 class Puller:
-    """Keeps up to `window` messages requested and hands each delivered message to `deliver`."""
+    """Keeps up to `window` messages and `max_bytes` requested or held; hands each to `deliver`.
+
+    `max_bytes` is raised to what one request needs for the largest message the server takes.
+    """
 
     def __init__(
         self,
@@ -50,6 +71,7 @@ class Puller:
         *,
         batch: int,
         window: int,
+        max_bytes: int,
         expires: float = 5.0,
     ) -> None:
         self.nc = nc
@@ -58,7 +80,11 @@ class Puller:
         self.batch = batch
         self.window = window
         self.expires = expires
+        self.max_bytes = max_bytes
+        # Split over as many requests as the window holds batches, so several stay in flight.
+        self.request_bytes = max_bytes // max(1, -(-window // batch))
         self.outstanding = 0
+        self.outstanding_bytes = 0
         self.requests: deque[_Request] = deque()
         self.inbox = ""
         self.sub: Subscription | None = None
@@ -66,6 +92,14 @@ class Puller:
 
     async def start(self) -> None:
         """Subscribe the delivery inbox."""
+        least = self.nc.max_payload + REQUEST_HEADROOM
+        if self.request_bytes < least:
+            _log.warning(
+                "byte budget below one message of the server's max_payload; raised",
+                extra={"max_inflight_bytes": self.max_bytes, "raised_to": least},
+            )
+            self.request_bytes = least
+            self.max_bytes = max(self.max_bytes, least)
         self.inbox = self.nc.new_inbox()
         # Deliveries are bounded by our own requests, so the client-side limits only have to
         # be above the window; a slow-consumer drop here would merely mean a redelivery.
@@ -85,8 +119,10 @@ class Puller:
     def _on_frame(self, subject: bytes, reply: bytes, headers: bytes | None, data: bytes) -> bool:
         if headers is not None and not data:
             return False  # a status message: nats-py parses it and calls _on_msg
+        delivery = Delivery(subject.decode(), reply, headers, data)
         self.outstanding -= 1
-        self.deliver(Delivery(subject.decode(), reply, headers, data))
+        self.outstanding_bytes -= delivery.size
+        self.deliver(delivery)
         return True
 
     async def _on_msg(self, msg: Msg) -> None:
@@ -98,17 +134,26 @@ class Puller:
                 _log.warning("unexpected pull status %s %s", status, headers.get("Description", ""))
             return
         self.outstanding -= 1
+        self.outstanding_bytes -= message_size(msg)
         self.deliver(msg)
 
     def _request_ended(self, headers: dict[str, str]) -> None:
         if self.requests:
             self.requests.popleft()
         pending = headers.get("Nats-Pending-Messages")
+        pending_bytes = headers.get("Nats-Pending-Bytes")
         if pending is not None and pending.isdigit():
             self.outstanding -= int(pending)
         elif not self.requests:
             self.outstanding = 0
+        if pending_bytes is not None and pending_bytes.isdigit():
+            self.outstanding_bytes -= int(pending_bytes)
+        elif not self.requests:
+            self.outstanding_bytes = 0
+        if not self.requests:
+            self.outstanding = self.outstanding_bytes = 0
         self.outstanding = max(self.outstanding, 0)
+        self.outstanding_bytes = max(self.outstanding_bytes, 0)
 
     def _expire_lost_requests(self) -> None:
         """Forget requests the server never ended (it restarted, or we reconnected)."""
@@ -116,25 +161,38 @@ class Puller:
         while self.requests and self.requests[0].deadline + 2.0 < now:
             self.requests.popleft()
         if not self.requests:
-            self.outstanding = 0
+            self.outstanding = self.outstanding_bytes = 0
 
-    async def top_up(self, held: int) -> None:
-        """Request more messages while requested + `held` (buffered or committing) < window."""
+    async def top_up(self, held: int, held_bytes: int) -> None:
+        """Request more while requested + held (buffered or committing) fit the window and budget.
+
+        `held` and `held_bytes` count the messages delivered and not yet acked or handed back.
+        """
         if self.sub is None or not self.nc.is_connected:
             return
         self._expire_lost_requests()
         while (room := self.window - self.outstanding - held) >= min(self.batch, self.window):
+            room_bytes = self.max_bytes - self.outstanding_bytes - held_bytes
+            if room_bytes < self.request_bytes:
+                return
             size = min(self.batch, room)
-            body = _encoder.encode({"batch": size, "expires": int(self.expires * 1e9)})
+            body = _encoder.encode(
+                {
+                    "batch": size,
+                    "max_bytes": self.request_bytes,
+                    "expires": int(self.expires * 1e9),
+                }
+            )
             try:
                 await self.nc.publish(self.subject, body, reply=self.inbox)
             except Exception as exc:
                 _log.warning("pull request failed: %r", exc)
                 return
             self.outstanding += size
+            self.outstanding_bytes += self.request_bytes
             self.requests.append(_Request(size, time.monotonic() + self.expires))
 
     def reset(self) -> None:
         """Forget every outstanding request (after a reconnect the server has none of them)."""
         self.requests.clear()
-        self.outstanding = 0
+        self.outstanding = self.outstanding_bytes = 0
