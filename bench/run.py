@@ -452,9 +452,9 @@ def machine() -> dict[str, Any]:
 
 
 def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """Return the run with the median `key`, with every run's `key` under `runs`."""
+    """Return the run with the median `key` (the lower of two), every run's `key` under `runs`."""
     ordered = sorted(runs, key=lambda run: run[key])
-    return ordered[len(ordered) // 2] | {"runs": [run[key] for run in runs]}
+    return ordered[(len(ordered) - 1) // 2] | {"runs": [run[key] for run in runs]}
 
 
 def spread(result: dict[str, Any], unit: str) -> str:
@@ -466,59 +466,77 @@ def spread(result: dict[str, Any], unit: str) -> str:
 
 
 def render(results: dict[str, Any]) -> str:
-    d, lv, h, lat, q = (results[k] for k in ("drain", "live", "http", "latency", "queries"))
-    ds = results["drain_sync_always"]
-    lk = results["latency_1k"]
-    rows = [
-        (
-            "drain, backlog at 30% duplicates",
-            f"{d['events_per_second']:,} events/s",
-            f"{results['backlog']:,} messages",
-        ),
-        (
-            "drain, broker sync_interval: always",
-            f"{ds['events_per_second']:,} events/s",
-            f"preload {results['preload_sync_always']:,} msg/s vs {results['preload']:,}",
-        ),
-        (
-            "live publisher + consumer",
-            f"{lv['events_per_second']:,} events/s",
-            f"{results['live_count']:,} messages",
-        ),
-        (
-            "HTTP POST /publish, batches of 100, e2e",
-            f"{h['events_per_second']:,} events/s",
-            spread(h, "events/s")
-            + f"accepted at {h['accepted_per_second']:,}/s, statuses {h['statuses']}",
-        ),
-        (
-            "publish -> committed at 5,000/s",
-            f"p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms",
-            spread(lat, "ms p99")
-            + f"(broker -> row, from the DB: p50 {lat['db_p50_ms']} ms, p99 {lat['db_p99_ms']} ms)",
-        ),
-        (
-            "publish -> committed at 1,000/s",
-            f"p50 {lk['p50_ms']} ms, p99 {lk['p99_ms']} ms",
-            f"(broker -> row, from the DB: p50 {lk['db_p50_ms']} ms, p99 {lk['db_p99_ms']} ms)",
-        ),
-        (
-            "GET /events?topic=X&limit=100",
-            f"p50 {q['events']['p50_ms']} ms, p99 {q['events']['p99_ms']} ms",
-            f"desc: p50 {q['events_desc']['p50_ms']} ms, p99 {q['events_desc']['p99_ms']} ms",
-        ),
-        (
-            "GET /stats",
-            f"p50 {q['stats']['p50_ms']} ms, p99 {q['stats']['p99_ms']} ms",
-            f"with {results['stored']:,} events stored",
-        ),
-        ("consumer peak RSS", f"{d['consumer_peak_rss_mib']} MiB", "during the drain"),
-        (
-            "API peak RSS",
-            f"{max(h['api_peak_rss_mib'], q['api_peak_rss_mib'])} MiB",
-            "during ingestion and queries",
-        ),
-    ]
+    rows: list[tuple[str, str, str]] = []
+    if (d := results.get("drain")) is not None:
+        rows.append(
+            (
+                "drain, backlog at 30% duplicates",
+                f"{d['events_per_second']:,} events/s",
+                f"{results['backlog']:,} messages",
+            )
+        )
+    if (ds := results.get("drain_sync_always")) is not None:
+        against = f" vs {results['preload']:,}" if "preload" in results else ""
+        rows.append(
+            (
+                "drain, broker sync_interval: always",
+                f"{ds['events_per_second']:,} events/s",
+                f"preload {results['preload_sync_always']:,} msg/s{against}",
+            )
+        )
+    if (lv := results.get("live")) is not None:
+        rows.append(
+            (
+                "live publisher + consumer",
+                f"{lv['events_per_second']:,} events/s",
+                f"{results['live_count']:,} messages",
+            )
+        )
+    if (h := results.get("http")) is not None:
+        rows.append(
+            (
+                "HTTP POST /publish, batches of 100, e2e",
+                f"{h['events_per_second']:,} events/s",
+                spread(h, "events/s")
+                + f"accepted at {h['accepted_per_second']:,}/s, statuses {h['statuses']}",
+            )
+        )
+    if (lat := results.get("latency")) is not None:
+        lk = results["latency_1k"]
+        rows += [
+            (
+                "publish -> committed at 5,000/s",
+                f"p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms",
+                spread(lat, "ms p99") + f"(broker -> row, from the DB: p50 {lat['db_p50_ms']} ms, "
+                f"p99 {lat['db_p99_ms']} ms)",
+            ),
+            (
+                "publish -> committed at 1,000/s",
+                f"p50 {lk['p50_ms']} ms, p99 {lk['p99_ms']} ms",
+                f"(broker -> row, from the DB: p50 {lk['db_p50_ms']} ms, p99 {lk['db_p99_ms']} ms)",
+            ),
+        ]
+    if (q := results.get("queries")) is not None:
+        rows += [
+            (
+                "GET /events?topic=X&limit=100",
+                f"p50 {q['events']['p50_ms']} ms, p99 {q['events']['p99_ms']} ms",
+                f"desc: p50 {q['events_desc']['p50_ms']} ms, p99 {q['events_desc']['p99_ms']} ms",
+            ),
+            (
+                "GET /stats",
+                f"p50 {q['stats']['p50_ms']} ms, p99 {q['stats']['p99_ms']} ms",
+                f"with {results['stored']:,} events stored",
+            ),
+            (
+                "consumer peak RSS",
+                f"{results['drain']['consumer_peak_rss_mib']} MiB",
+                "during the drain",
+            ),
+        ]
+    api_rss = [results[k]["api_peak_rss_mib"] for k in ("http", "queries") if k in results]
+    if api_rss:
+        rows.append(("API peak RSS", f"{max(api_rss)} MiB", "during ingestion and queries"))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"{'scenario':<{width[0]}}  {'result':<{width[1]}}  notes", "-" * (sum(width) + 10)]
     lines += [f"{a:<{width[0]}}  {b:<{width[1]}}  {c}" for a, b, c in rows]
@@ -570,51 +588,74 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+SCENARIOS = ("drain", "sync", "live", "http", "latency")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="just bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small scenarios, about a minute")
     parser.add_argument("--backlog", type=int, default=None, help="messages in the drain backlog")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SCENARIOS,
+        help="run only this scenario (repeatable); drain includes the queries",
+    )
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=None,
+        help="runs of the http and latency scenarios, median reported (default 3, 1 with --quick)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args()
+    only = set(args.only or SCENARIOS)
     backlog = args.backlog or (100_000 if args.quick else 1_000_000)
     small = 20_000 if args.quick else 100_000
+    # The two scenarios with targets run several times, each on a fresh stack: a shared
+    # machine's speed drifts by a third within minutes, so the median is what is reported.
+    runs = args.runs or (1 if args.quick else 3)
     results: dict[str, Any] = {"machine": machine(), "backlog": backlog, "live_count": small}
     with tempfile.TemporaryDirectory() as tmp:
-        with stack(Path(tmp) / "a") as s:
-            unique, results["preload"] = asyncio.run(preload(s, backlog, 0.3))
-            results["preload"] = round(results["preload"])
-            sys.stderr.write(f"backlog of {backlog:,} ({unique:,} unique) loaded\n")
-            results["drain"] = asyncio.run(drain(s, backlog))
-            results["stored"] = asyncio.run(stats(s.settings.database_url))[1]
-            results["queries"] = asyncio.run(queries(s, 200 if args.quick else 1000))
-            sys.stderr.write(f"drain and queries done: {results['drain']}\n")
-        with stack(Path(tmp) / "b", sync_always=True) as s:
-            n = backlog // 4
-            _, rate = asyncio.run(preload(s, n, 0.3))
-            results["preload_sync_always"] = round(rate)
-            results["drain_sync_always"] = asyncio.run(drain(s, n))
-        with stack(Path(tmp) / "c") as s:
-            results["live"] = asyncio.run(live(s, small))
-        # The two scenarios with targets run several times, each on a fresh stack: a shared
-        # machine's speed drifts by a third within minutes, so the median is what is reported.
-        runs = 1 if args.quick else 3
-        http_runs = []
-        for n in range(runs):
-            with stack(Path(tmp) / f"d{n}") as s:
-                http_runs.append(asyncio.run(http_ingest(s, small)))
-        results["http"] = median_run(http_runs, "events_per_second")
-        latency_runs = []
-        for n in range(runs):
-            with stack(Path(tmp) / f"e{n}") as s:
-                latency_runs.append(asyncio.run(latency(s, 5000, 6 if args.quick else 20)))
-        results["latency"] = median_run(latency_runs, "p99_ms")
-        with stack(Path(tmp) / "f") as s:
-            results["latency_1k"] = asyncio.run(latency(s, 1000, 6 if args.quick else 20))
+        if "drain" in only:
+            with stack(Path(tmp) / "a") as s:
+                unique, rate = asyncio.run(preload(s, backlog, 0.3))
+                results["preload"] = round(rate)
+                sys.stderr.write(f"backlog of {backlog:,} ({unique:,} unique) loaded\n")
+                results["drain"] = asyncio.run(drain(s, backlog))
+                results["stored"] = asyncio.run(stats(s.settings.database_url))[1]
+                results["queries"] = asyncio.run(queries(s, 200 if args.quick else 1000))
+                sys.stderr.write(f"drain and queries done: {results['drain']}\n")
+        if "sync" in only:
+            with stack(Path(tmp) / "b", sync_always=True) as s:
+                _, rate = asyncio.run(preload(s, backlog // 4, 0.3))
+                results["preload_sync_always"] = round(rate)
+                results["drain_sync_always"] = asyncio.run(drain(s, backlog // 4))
+        if "live" in only:
+            with stack(Path(tmp) / "c") as s:
+                results["live"] = asyncio.run(live(s, small))
+        if "http" in only:
+            http_runs = []
+            for n in range(runs):
+                with stack(Path(tmp) / f"d{n}") as s:
+                    http_runs.append(asyncio.run(http_ingest(s, small)))
+            results["http"] = median_run(http_runs, "events_per_second")
+        if "latency" in only:
+            latency_runs = []
+            for n in range(runs):
+                with stack(Path(tmp) / f"e{n}") as s:
+                    latency_runs.append(asyncio.run(latency(s, 5000, 6 if args.quick else 20)))
+            results["latency"] = median_run(latency_runs, "p99_ms")
+            with stack(Path(tmp) / "f") as s:
+                results["latency_1k"] = asyncio.run(latency(s, 1000, 6 if args.quick else 20))
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     (args.out / f"bench-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, args.out / f"bench-{stamp}.png")
-    sys.stdout.write(render(results) + f"\n\nresults: {args.out}/bench-{stamp}.json and .png\n")
+    written = f"{args.out}/bench-{stamp}.json"
+    if only == set(SCENARIOS):
+        plot(results, args.out / f"bench-{stamp}.png")
+        written += " and .png"
+    sys.stdout.write(render(results) + f"\n\nresults: {written}\n")
 
 
 if __name__ == "__main__":
