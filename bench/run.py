@@ -195,19 +195,37 @@ async def wait_received(
 
 
 async def drain(s: Stack, count: int, replicas: int = 1) -> dict[str, Any]:
-    """Time consumers storing the whole backlog: from the first count to the last."""
+    """Time consumers draining the backlog: from the first count until every message is
+    committed and acked (the work-queue stream is empty)."""
     procs = [
         s.spawn("oncelog.consumer", METRICS_PORT=str(free_port()), CONSUMER_ID=f"bench-{i}")
         for i in range(replicas)
     ]
-    t0, t1, at_first = await wait_received(s, count, procs)
+    t0, committed, at_first = await wait_received(s, count, procs)
+    t1 = await wait_acked(s)
     rss = max(peak_rss_mib(p.pid) for p in procs)
     s.stop_services()
     return {
         "events_per_second": round((count - at_first) / (t1 - t0)),
         "seconds": round(t1 - t0, 2),
+        "ack_lag_seconds": round(t1 - committed, 2),
         "consumer_peak_rss_mib": rss,
     }
+
+
+async def wait_acked(s: Stack, limit: float = 1800) -> float:
+    """Wait until the work-queue stream is empty (every message acked); return when it was."""
+    nc = await nats.connect(s.nats.url)
+    try:
+        js = nc.jetstream()
+        deadline = time.monotonic() + limit
+        while (await js.stream_info(s.settings.stream)).state.messages:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"messages still unacked after {limit}s")
+            await asyncio.sleep(0.05)
+        return time.monotonic()
+    finally:
+        await nc.close()
 
 
 async def live(s: Stack, count: int) -> dict[str, Any]:
