@@ -144,13 +144,10 @@ class Puller:
         pending_bytes = headers.get("Nats-Pending-Bytes")
         if pending is not None and pending.isdigit():
             self.outstanding -= int(pending)
-        elif not self.requests:
-            self.outstanding = 0
         if pending_bytes is not None and pending_bytes.isdigit():
             self.outstanding_bytes -= int(pending_bytes)
-        elif not self.requests:
-            self.outstanding_bytes = 0
         if not self.requests:
+            # The last request we know of has ended: nothing more is on its way.
             self.outstanding = self.outstanding_bytes = 0
         self.outstanding = max(self.outstanding, 0)
         self.outstanding_bytes = max(self.outstanding_bytes, 0)
