@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
+import pytest
 from nats.js import JetStreamContext
 
 from helpers import api_client
+from oncelog.api.protect import TokenBuckets
 from oncelog.platform.settings import ConsumerSettings
 
 EVENT = {"topic": "guarded", "event_id": "1"}
@@ -84,6 +87,30 @@ async def test_rate_limit_is_a_token_bucket_per_client(
         )
         assert spoofed.status_code == 429
         assert (await c.get("/health")).status_code == 200
+
+
+async def test_concurrent_requests_share_one_bucket_on_the_event_loop(
+    settings: ConsumerSettings, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twenty requests at once with a burst of 5: exactly 5 pass. The buckets are only touched
+    on the event loop's thread, never from a worker thread racing another request."""
+    on_loop: list[bool] = []
+    take = TokenBuckets.take
+
+    def recording(self: TokenBuckets, client: str) -> float:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # a worker thread: no event loop runs there
+            on_loop.append(False)
+        return take(self, client)
+
+    monkeypatch.setattr(TokenBuckets, "take", recording)
+    async with api_client(settings, rate_limit_per_second=0.01, rate_limit_burst=5) as c:
+        responses = await asyncio.gather(*(c.get("/stats") for _ in range(20)))
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [200] * 5 + [429] * 15
+    assert on_loop == [True] * 20
 
 
 async def test_metrics_count_by_route_template(

@@ -95,13 +95,17 @@ def _peer(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
     return str(client[0]) if client else "unknown"
 
 
-def guard_read(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+# The guards are coroutines: Litestar runs a plain function guard in a worker thread, which
+# cost a thread hop per request and would let requests race on the token buckets.
+async def guard_read(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Guard of the read routes: API_KEYS_READ, when set, and the rate limit."""
     protection: Protection = connection.app.state.protection
     protection.check(connection, protection.read_keys)
 
 
-def guard_publish(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def guard_publish(
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+) -> None:
     """Guard of the write routes: API_KEYS_PUBLISH, when set, and the rate limit."""
     protection: Protection = connection.app.state.protection
     protection.check(connection, protection.publish_keys)
