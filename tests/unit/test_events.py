@@ -11,6 +11,7 @@ from oncelog.events import (
     Decoded,
     Rejected,
     decode_message,
+    from_ns,
     msg_id,
     subject_for,
     topic_error,
@@ -46,6 +47,17 @@ def test_decoder_fills_the_nats_path_defaults() -> None:
     """Without topic, timestamp and source, the subject, broker time and "nats" are used."""
     result = decode_message("events.auth.prod", b'{"event_id": "e-1"}', NOW)
     assert result == Decoded("auth.prod", "e-1", NOW, "nats", b"{}")
+
+
+def test_broker_time_in_nanoseconds_becomes_the_default_timestamp_to_the_microsecond() -> None:
+    """JetStream reports receive times in nanoseconds; they are cut (not rounded) to µs, exactly,
+    as PostgreSQL stores them, however far from the epoch."""
+    ns = 1_795_334_400_123_456_999  # 2026-11-22T08:00:00.123456999Z
+    expected = datetime(2026, 11, 22, 8, 0, 0, 123456, tzinfo=UTC)
+    assert from_ns(ns) == expected
+    result = decode_message("events.auth.prod", b'{"event_id": "e-1"}', ns)
+    assert result == Decoded("auth.prod", "e-1", expected, "nats", b"{}")
+    assert from_ns(253_402_300_799_999_999_000) == datetime(9999, 12, 31, 23, 59, 59, 999999, UTC)
 
 
 def test_decoder_reads_a_zoneless_timestamp_as_utc() -> None:

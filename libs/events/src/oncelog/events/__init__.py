@@ -8,6 +8,7 @@ from oncelog.events.codec import (
     Rejected,
     decode_message,
     encode_event,
+    from_ns,
     payload_error,
     utc,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "Topic",
     "decode_message",
     "encode_event",
+    "from_ns",
     "msg_id",
     "payload_error",
     "subject_for",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import msgspec
@@ -19,6 +19,7 @@ __all__ = [
     "Rejected",
     "decode_message",
     "encode_event",
+    "from_ns",
     "payload_error",
     "utc",
 ]
@@ -82,14 +83,26 @@ def _subject_topic(subject: str, prefix: str) -> str | Rejected:
     return topic
 
 
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def from_ns(ns: int) -> datetime:
+    """Return nanoseconds since the epoch (JetStream's timestamps) as a UTC datetime, to the µs."""
+    return _EPOCH + timedelta(microseconds=ns // 1000)
+
+
 def decode_message(
     subject: str,
     data: bytes,
-    received_at: datetime,
+    received_at: datetime | int,
     prefix: str = DEFAULT_PREFIX,
     max_bytes: int = MAX_EVENT_BYTES,
 ) -> Decoded | Rejected:
-    """Decode one message of the NATS path into an event, or say exactly why it is not one."""
+    """Decode one message of the NATS path into an event, or say exactly why it is not one.
+
+    `received_at` is the broker's receive time, as a datetime or in nanoseconds since the epoch;
+    it becomes the timestamp of an event that carries none.
+    """
     topic = _subject_topic(subject, prefix)
     if isinstance(topic, Rejected):
         return topic
@@ -122,7 +135,13 @@ def decode_message(
     return Decoded(
         topic=topic,
         event_id=body.event_id,
-        timestamp=utc(body.timestamp) if body.timestamp is not None else received_at,
+        timestamp=(
+            utc(body.timestamp)
+            if body.timestamp is not None
+            else from_ns(received_at)
+            if isinstance(received_at, int)
+            else received_at
+        ),
         source=body.source if body.source is not None else DEFAULT_SOURCE,
         payload=payload,
     )

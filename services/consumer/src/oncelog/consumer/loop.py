@@ -9,7 +9,6 @@ import random
 import time
 from collections import Counter
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 import asyncpg
 from nats.aio.client import Client
@@ -39,13 +38,13 @@ def to_item(msg: Delivered, prefix: str, max_bytes: int) -> Item:
     shift = 0 if len(tokens) == _V1_ACK_TOKENS else 2
     if len(tokens) < _V1_ACK_TOKENS or tokens[0] != b"$JS" or tokens[1] != b"ACK":
         raise ValueError(f"not a JetStream delivery: reply subject {msg.reply!r}")
-    received_at = datetime.fromtimestamp(int(tokens[7 + shift]) / 1e9, UTC)
-    result = decode_message(msg.subject, msg.data, received_at, prefix, max_bytes)
+    received_ns = int(tokens[7 + shift])
+    result = decode_message(msg.subject, msg.data, received_ns, prefix, max_bytes)
     return Item(
         seq=int(tokens[5 + shift]),
         delivered=int(tokens[4 + shift]),
         subject=msg.subject,
-        received_at=received_at,
+        received_ns=received_ns,
         # Raw off the wire: parsed only if the message ends up a dead letter.
         headers=msg.raw_headers if isinstance(msg, Delivery) else msg.headers,
         data=msg.data,
@@ -233,7 +232,7 @@ class Consumer:
         m.batches.inc()
         m.batch_size.observe(len(items))
         m.last_commit.set(now)
-        m.latency.observe_many(now - item.received_at.timestamp() for item in items)
+        m.latency.observe_many(now - item.received_ns / 1e9 for item in items)
         m.duplicate_age.observe_many(outcome.duplicate_ages)
         _log.info(
             "batch committed",
