@@ -132,16 +132,16 @@ def decode_message(
         return Rejected(f"not valid JSON: payload is not UTF-8 ({exc})", "not_json")
     if (bad := payload_error(payload)) is not None:
         return Rejected(bad, "payload_not_object")
+    if body.timestamp is not None:
+        timestamp = utc(body.timestamp)
+    elif isinstance(received_at, int):
+        timestamp = from_ns(received_at)
+    else:
+        timestamp = received_at
     return Decoded(
         topic=topic,
         event_id=body.event_id,
-        timestamp=(
-            utc(body.timestamp)
-            if body.timestamp is not None
-            else from_ns(received_at)
-            if isinstance(received_at, int)
-            else received_at
-        ),
+        timestamp=timestamp,
         source=body.source if body.source is not None else DEFAULT_SOURCE,
         payload=payload,
     )
