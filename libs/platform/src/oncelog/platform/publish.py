@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
-from oncelog.platform.wire import can_write, install, write
+from oncelog.platform.wire import can_write, has_write_hooks, install, write
 
 __all__ = ["RETRYABLE", "Outbound", "PublishError", "publish_many"]
 
@@ -163,7 +163,7 @@ class _AckInbox:
             return _INBOXES[nc]
         inbox: _AckInbox | None = None
         # Decided once per client, connected or not: only whether nats-py has the hooks.
-        if hasattr(nc, "_send_command") and hasattr(nc, "_flush_pending"):
+        if has_write_hooks(nc):
             subject = nc.new_inbox()
             inbox = cls(nc, subject.encode() + b".")
             sub = await nc.subscribe(subject + ".*", cb=inbox._on_msg)

@@ -29,6 +29,7 @@ __all__ = [
     "FastParser",
     "Sink",
     "can_write",
+    "has_write_hooks",
     "install",
     "parse_headers",
     "reply_bytes",
@@ -199,9 +200,14 @@ def reply_bytes(msg: Delivered) -> bytes:
     return msg.reply if isinstance(msg.reply, bytes) else msg.reply.encode()
 
 
+def has_write_hooks(nc: Client) -> bool:
+    """Whether this nats-py release has the two internals `write` relies on."""
+    return hasattr(nc, "_send_command") and hasattr(nc, "_flush_pending")
+
+
 def can_write(nc: Client) -> bool:
     """Whether `write` can put frames on the wire now: connected, with nats-py's hooks."""
-    return nc.is_connected and hasattr(nc, "_send_command") and hasattr(nc, "_flush_pending")
+    return nc.is_connected and has_write_hooks(nc)
 
 
 async def write(nc: Client, frames: bytes) -> None:
