@@ -10,6 +10,8 @@ import socket
 import sys
 
 import asyncpg
+import nats.errors
+from nats.aio.client import Client
 from prometheus_client import CollectorRegistry, start_http_server
 
 from oncelog.consumer.loop import Consumer
@@ -63,6 +65,35 @@ async def _watch(consumer: Consumer, stop: asyncio.Event) -> None:
         probe.terminate()
 
 
+async def _close(nc: Client) -> None:
+    """Drain the NATS connection when it is up, else close it; unacked messages are redelivered."""
+    if nc.is_connected:
+        try:
+            await nc.drain()
+        except (nats.errors.Error, OSError) as exc:
+            # The broker went away while draining.
+            reason = repr(exc)
+        else:
+            return
+    else:
+        # nats-py refuses to drain a connection that is reconnecting (it raises); there is
+        # nothing to drain into anyway.
+        reason = "disconnected"
+    # Nothing uncommitted was acked, so closing loses nothing: the durable redelivers the
+    # messages this replica held after ack_wait, to it or to another replica.
+    _log.warning(
+        "nats unreachable while stopping; closing without draining, unacked messages will be"
+        " redelivered",
+        extra={"reason": reason},
+    )
+    if not nc.is_closed:
+        # While reconnecting, nats-py flushes what it buffered (the last acks and NAKs) into the
+        # lost socket and raises; the connection is closed all the same: its tasks are
+        # cancelled and it never reconnects.
+        with contextlib.suppress(OSError):
+            await nc.close()
+
+
 async def serve(settings: ConsumerSettings) -> None:
     """Consume until SIGINT or SIGTERM, then drain."""
     stop = shutdown_event()
@@ -105,7 +136,7 @@ async def serve(settings: ConsumerSettings) -> None:
                 server.shutdown()
                 thread.join()
         finally:
-            await nc.drain()
+            await _close(nc)
     finally:
         await pool.close()
     _log.info("consumer stopped")
