@@ -128,9 +128,18 @@ async def test_a_duplicate_with_another_payload_is_recorded_as_conflicting(
         (b'{"event_id": "x", "topic": "other.topic"}', "disagrees with subject"),
         (b"", "empty body"),
         (b"\xff\xfe\x00", "not valid JSON"),
-        (b'{"event_id": "x", "payload": {"s": "\\u0000"}}', "PostgreSQL refused"),
-        (b'{"event_id": "x", "payload": {"s": "\\ud800"}}', "not valid JSON"),
+        (b'{"event_id": "x", "payload": {"s": "\\u0000"}}', "must not contain \\u0000"),
+        (b'{"event_id": "x", "payload": {"s": "\\ud800"}}', "lone UTF-16 surrogate"),
         (b'{"event_id": "x", "payload": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}", "nested"),
+        (b'{"event_id": "x", "payload": {"a": ' + b"[" * 150 + b"]" * 150 + b"}}", "nested"),
+        # Each of these stalled the consumer before the validator knew PostgreSQL's limits.
+        (b'{"event_id": "x", "timestamp": "9999-12-31T23:59:59-01:00"}', "outside years 1-9999"),
+        (b'{"event_id": "x", "timestamp": "0001-01-01T00:00:00+01:00"}', "outside years 1-9999"),
+        (b'{"event_id": "x\\u0000"}', "event_id: must not contain control characters"),
+        (b'{"event_id": "x", "source": "a\\nb"}', "source: must not contain control characters"),
+        (b'{"event_id": "x", "payload": {"n": 1e1000000}}', "exponent beyond"),
+        (b'{"event_id": "x", "payload": {"n": 2e308}}', "beyond the range of a 64-bit float"),
+        (b'{"event_id": "x", "payload": {"n": 0e-20000}}', "exponent beyond"),
     ],
 )
 async def test_bad_input_is_dead_lettered_and_the_consumer_goes_on(
@@ -271,8 +280,8 @@ async def test_a_message_delivered_twice_in_one_batch_is_counted_once(
 async def test_a_nul_in_the_event_id_and_its_msg_id_is_dead_lettered(
     js: JetStreamContext, settings: ConsumerSettings, pool: asyncpg.Pool
 ) -> None:
-    """PostgreSQL text cannot hold NUL: the event is a dead letter, and the letter itself,
-    headers included, is stored rather than retried forever."""
+    """An event id with NUL is refused by the validator: the event is a dead letter, and the
+    letter itself, headers included, is stored rather than retried forever."""
     subject = f"{settings.subject_prefix}.nul"
     data = body("a\u0000b")
     await js.publish(subject, data, headers={"Nats-Msg-Id": "nul:a\u0000b"})
@@ -280,7 +289,7 @@ async def test_a_nul_in_the_event_id_and_its_msg_id_is_dead_lettered(
     async with running_consumer(settings, js, pool):
         await wait_until(lambda: _totals_received(pool, 2))
     letter = await one(pool, "SELECT * FROM dead_letters")
-    assert letter["reason"].startswith("PostgreSQL refused the event")
+    assert letter["reason"].startswith("event_id: must not contain control characters")
     assert bytes(letter["raw"]) == data
     assert json.loads(letter["headers"]) == {"Nats-Msg-Id": "nul:a\ufffdb"}
     assert [r["event_id"] for r in await pool.fetch("SELECT event_id FROM events")] == ["after"]

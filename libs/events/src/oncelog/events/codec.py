@@ -10,6 +10,7 @@ import msgspec
 
 from oncelog.events.schema import Event, IncomingEvent
 from oncelog.events.subjects import DEFAULT_PREFIX, topic_error, topic_from_subject
+from oncelog.events.validate import Problem, decode_event, event_problems, to_utc
 
 __all__ = [
     "DEFAULT_SOURCE",
@@ -20,8 +21,6 @@ __all__ = [
     "decode_message",
     "encode_event",
     "from_ns",
-    "payload_error",
-    "utc",
 ]
 
 DEFAULT_SOURCE: Final = "nats"
@@ -34,11 +33,12 @@ REJECTION_CODES: Final = (
     "invalid_event",
     "topic_mismatch",
     "payload_not_object",
+    "bad_timestamp",
+    "unstorable",
     "store_refused",
 )
 MAX_EVENT_BYTES: Final = 1024 * 1024
 
-_incoming = msgspec.json.Decoder(IncomingEvent)
 _encoder = msgspec.json.Encoder()
 
 
@@ -58,18 +58,6 @@ class Rejected(msgspec.Struct, frozen=True):
 
     reason: str
     code: str = "invalid_event"
-
-
-def utc(value: datetime) -> datetime:
-    """Read a datetime without zone as UTC, as the contract says."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
-
-
-def payload_error(raw: bytes) -> str | None:
-    """Return why an encoded payload cannot be stored, or None when it can."""
-    if not raw.lstrip().startswith(b"{"):
-        return "payload must be a JSON object"
-    return None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -101,7 +89,8 @@ def decode_message(
     """Decode one message of the NATS path into an event, or say exactly why it is not one.
 
     `received_at` is the broker's receive time, as a datetime or in nanoseconds since the epoch;
-    it becomes the timestamp of an event that carries none.
+    it becomes the timestamp of an event that carries none. The rules are the validator's
+    (`oncelog.events.validate`), the same that the HTTP gateway applies.
     """
     topic = _subject_topic(subject, prefix)
     if isinstance(topic, Rejected):
@@ -110,30 +99,22 @@ def decode_message(
         return Rejected(f"message is {len(data)} bytes, the limit is {max_bytes}", "too_large")
     if not data.strip():
         return Rejected("empty body: expected a JSON object with at least event_id", "empty")
-    try:
-        body = _incoming.decode(data)
-    except msgspec.ValidationError as exc:
-        return Rejected(f"invalid event: {exc}", "invalid_event")
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        return Rejected(f"not valid JSON: {exc}", "not_json")
-    except RecursionError:
-        return Rejected("JSON is nested too deeply", "too_deep")
+    body = decode_event(data)
+    if isinstance(body, Problem):
+        if body.code == "invalid_event":
+            return Rejected(f"invalid event: {body.message} (at {body.field})", body.code)
+        return Rejected(body.message, body.code)
     if body.topic is not None and body.topic != topic:
         return Rejected(
             f"topic {body.topic!r} in the body disagrees with subject topic {topic!r}",
             "topic_mismatch",
         )
-    payload = bytes(body.payload)
-    # The payload is kept raw (msgspec.Raw), so its strings are not checked while decoding;
-    # a byte sequence that is not UTF-8 would fail later, inside the store, and stall the batch.
-    try:
-        payload.decode()
-    except UnicodeDecodeError as exc:
-        return Rejected(f"not valid JSON: payload is not UTF-8 ({exc})", "not_json")
-    if (bad := payload_error(payload)) is not None:
-        return Rejected(bad, "payload_not_object")
+    problems = event_problems(body)
+    if problems:
+        first = problems[0]
+        return Rejected(f"{first.field}: {first.message}", first.code)
     if body.timestamp is not None:
-        timestamp = utc(body.timestamp)
+        timestamp = to_utc(body.timestamp)
     elif isinstance(received_at, int):
         timestamp = from_ns(received_at)
     else:
@@ -143,7 +124,7 @@ def decode_message(
         event_id=body.event_id,
         timestamp=timestamp,
         source=body.source if body.source is not None else DEFAULT_SOURCE,
-        payload=payload,
+        payload=bytes(body.payload),
     )
 
 

@@ -20,7 +20,7 @@ from nats.js.api import PubAck
 
 from oncelog.platform.wire import can_write, has_write_hooks, install, write
 
-__all__ = ["RETRYABLE", "Outbound", "PublishError", "publish_many"]
+__all__ = ["RETRYABLE", "Outbound", "PublishError", "check_frame", "publish_many"]
 
 # Failures worth another try with the same Msg-Id: the broker may or may not have stored the
 # message, and its duplicate window makes the retry safe either way. A full stream (discard=new)
@@ -109,6 +109,8 @@ async def _send(
 ) -> tuple[dict[asyncio.Future[PubAck], int], BaseException | None]:
     """Publish the messages `todo` names; return their ack futures and any send error."""
     futures: dict[asyncio.Future[PubAck], int] = {}
+    for i in todo:
+        check_frame(messages[i])
     try:
         async with asyncio.timeout(remaining):
             inbox = await _AckInbox.of(js._nc)
@@ -125,6 +127,21 @@ async def _send(
     except RETRYABLE as exc:
         return futures, exc
     return futures, None
+
+
+def check_frame(message: Outbound) -> None:
+    """Raise ValueError unless the subject and Msg-Id can go into a protocol frame unchanged.
+
+    A subject is printable ASCII without spaces; a Msg-Id is printable ASCII with no space at
+    either end (what `oncelog.events.msg_id` makes). Anything else would break the frame (a line
+    break ends it) or be altered on the way (clients and server trim header values), so it is
+    refused here, before a byte is written, whoever called.
+    """
+    subject, msg_id = message.subject, message.msg_id
+    if not (subject.isascii() and subject.isprintable() and subject and " " not in subject):
+        raise ValueError(f"subject {subject[:80]!r} cannot go into a NATS frame")
+    if not (msg_id.isascii() and msg_id.isprintable() and msg_id and msg_id.strip() == msg_id):
+        raise ValueError(f"Msg-Id {msg_id[:80]!r} cannot go into a NATS header unchanged")
 
 
 class _Ack(msgspec.Struct):
@@ -195,10 +212,7 @@ class _AckInbox:
             future: asyncio.Future[PubAck] = loop.create_future()
             self.futures[token] = future
             futures[future] = i
-            # The Msg-Id exactly as nats-py writes it (stripped, line breaks as spaces), so
-            # a retry on either path carries the same id.
-            msg_id = m.msg_id.strip().replace("\r", " ").replace("\n", " ").encode()
-            header = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % msg_id
+            header = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % m.msg_id.encode()
             frames.append(
                 b"HPUB %s %s%s %d %d\r\n%s%s\r\n"
                 % (

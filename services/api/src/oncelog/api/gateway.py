@@ -13,7 +13,11 @@ from litestar import Request, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.params import PathParameter
-from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_409_CONFLICT
+from litestar.status_codes import (
+    HTTP_202_ACCEPTED,
+    HTTP_409_CONFLICT,
+    HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+)
 from nats.js.api import PubAck
 
 from oncelog.api import queries
@@ -43,6 +47,28 @@ def _rejected(exc: BodyError) -> ValidationException:
     return ValidationException(
         detail=f"invalid events, nothing was published: {fields}",
         extra=[{"key": e.field, "message": e.message} for e in exc.errors],
+    )
+
+
+def _json_body(request: Request[Any, Any, Any], *, optional: bool = False) -> None:
+    """Refuse a body not declared as JSON (415), so no web page can post events cross-origin.
+
+    Browsers send text/plain, form and multipart bodies to any origin without asking
+    (a CORS "simple request"); a JSON body needs a preflight, which this API never grants.
+    `application/json` with any parameters and `application/<x>+json` are JSON. With
+    `optional`, a request without a body needs no Content-Type.
+    """
+    declared = request.headers.get("content-type")
+    if declared is None and optional and request.headers.get("content-length", "0") == "0":
+        return
+    media = (declared or "").partition(";")[0].strip().lower()
+    kind, _, subtype = media.partition("/")
+    if kind == "application" and (subtype == "json" or subtype.endswith("+json")):
+        return
+    raise HTTPException(
+        status_code=HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+        detail=f"Content-Type must be application/json, not {(declared or 'missing')[:100]!r}",
+        extra=[{"key": "Content-Type", "message": "must be application/json"}],
     )
 
 
@@ -109,10 +135,11 @@ async def _publish_all(state: State, outgoing: Sequence[Outgoing]) -> list[PubAc
     guards=[guard_publish],
     operation_class=PublishOperation,
     response_description="Every event is durably in the stream (or was already).",
-    responses=errors(401, 413, 422, 429, 503),
+    responses=errors(401, 413, 415, 422, 429, 503),
 )
 async def publish(request: Request[Any, Any, Any], state: State) -> PublishResult:
     """Validate every event, publish all with their Msg-Ids, answer once every PubAck arrived."""
+    _json_body(request)
     raw = await request.body()
     try:
         outgoing = prepare(
@@ -166,7 +193,7 @@ async def _stored_bytes(state: State, letter: Any) -> Outgoing:
     guards=[guard_publish],
     operation_class=ReplayOperation,
     response_description="The event is durably in the stream (or was already).",
-    responses=errors(400, 401, 404, 409, 413, 422, 429, 503),
+    responses=errors(400, 401, 404, 409, 413, 415, 422, 429, 503),
 )
 async def replay(
     request: Request[Any, Any, Any],
@@ -176,6 +203,7 @@ async def replay(
     ],
 ) -> ReplayResult:
     """Publish the letter with the contract's Msg-Id; replaying twice never stores it twice."""
+    _json_body(request, optional=True)
     raw = await request.body()
     async with state.pool.acquire() as conn:
         letter = await queries.fetch_dead_letter(conn, letter_id)

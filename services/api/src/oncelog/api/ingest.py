@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import re
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
 
 import msgspec
 
 from oncelog.api.schemas import FieldError
-from oncelog.events import IncomingEvent, encode_event, msg_id, payload_error, subject_for, utc
+from oncelog.events import (
+    Problem,
+    decode_event,
+    decode_problem,
+    encode_event,
+    event_problems,
+    msg_id,
+    subject_for,
+    to_utc,
+)
 
 __all__ = ["HTTP_SOURCE", "MAX_FIELD_ERRORS", "BodyError", "Outgoing", "prepare", "prepare_one"]
 
@@ -20,9 +27,6 @@ MAX_FIELD_ERRORS = 100
 
 _top = msgspec.json.Decoder(list[msgspec.Raw] | dict[str, msgspec.Raw])
 _items = msgspec.json.Decoder(list[msgspec.Raw])
-_event = msgspec.json.Decoder(IncomingEvent)
-_any = msgspec.json.Decoder()
-_MISSING = re.compile(r"^Object missing required field `(?P<name>.+)`$")
 _SHAPES = 'expected an event object, a JSON array of events, or {"events": [...]}'
 
 
@@ -44,38 +48,6 @@ class Outgoing(msgspec.Struct, frozen=True):
     body: bytes
 
 
-def _locate(prefix: str, exc: msgspec.ValidationError) -> FieldError:
-    text = str(exc)
-    message, sep, path = text.rpartition(" - at `$")
-    if not sep:
-        message, path = text, ""
-    path = path.rstrip("`")
-    if (missing := _MISSING.match(message)) is not None:
-        path += "." + missing["name"]
-    return FieldError(field=(prefix + path).lstrip(".") or "body", message=message)
-
-
-def _nul_error(payload: bytes) -> str | None:
-    """Return why PostgreSQL would refuse the payload (a NUL character in a string), or None."""
-    if b"\\u0000" not in payload:
-        return None
-    try:
-        stack: list[Any] = [_any.decode(payload)]
-    except RecursionError:
-        return "payload is nested too deeply"
-    # Iterative, so a deeply nested payload cannot exhaust the interpreter's stack.
-    while stack:
-        value = stack.pop()
-        if isinstance(value, str) and "\x00" in value:
-            return "strings must not contain \\u0000 (PostgreSQL cannot store it)"
-        if isinstance(value, dict):
-            stack.extend(value.keys())
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
-    return None
-
-
 def _one(
     raw: bytes,
     prefix: str,
@@ -86,41 +58,32 @@ def _one(
     default_topic: str | None,
     errors: list[FieldError],
 ) -> Outgoing | None:
-    try:
-        event = _event.decode(raw)
-    except msgspec.ValidationError as exc:
-        errors.append(_locate(prefix, exc))
-        return None
-    except RecursionError:
-        errors.append(FieldError(field=prefix or "body", message="JSON is nested too deeply"))
-        return None
     where = prefix + "." if prefix else ""
+    event = decode_event(raw)
+    if isinstance(event, Problem):
+        field = where + event.field if event.field != "body" else (prefix or "body")
+        errors.append(FieldError(field=field, message=event.message))
+        return None
     topic = event.topic if event.topic is not None else default_topic
-    bad = len(errors)
+    problems = event_problems(event)
+    for problem in problems:
+        errors.append(FieldError(field=where + problem.field, message=problem.message))
     if topic is None:
         errors.append(FieldError(field=where + "topic", message="required over HTTP"))
-    payload = bytes(event.payload)
-    if (reason := payload_error(payload) or _nul_error(payload)) is not None:
-        errors.append(FieldError(field=where + "payload", message=reason))
-    timestamp = now
-    if event.timestamp is not None:
-        try:
-            # PostgreSQL stores instants in UTC; one that cannot be expressed there is refused.
-            timestamp = utc(event.timestamp).astimezone(UTC)
-        except OverflowError:
-            errors.append(FieldError(field=where + "timestamp", message="out of range"))
-    if len(errors) > bad or topic is None:
+    if problems or topic is None:
         return None
     body = encode_event(
         msgspec.structs.replace(
             event,
             topic=topic,
-            timestamp=timestamp,
+            # Sent in UTC, so the consumer decodes exactly the instant validated here.
+            timestamp=now if event.timestamp is None else to_utc(event.timestamp),
             source=event.source if event.source is not None else HTTP_SOURCE,
         )
     )
+    msg = msg_id(topic, event.event_id)
     # The header and subject travel with the body; the broker refuses the whole beyond max_payload.
-    size = len(body) + len(topic) + len(event.event_id) + 64
+    size = len(body) + len(topic) + len(msg) + 64
     if size > max_payload:
         errors.append(
             FieldError(
@@ -133,9 +96,23 @@ def _one(
         topic=topic,
         event_id=event.event_id,
         subject=subject_for(topic, subject_prefix),
-        msg_id=msg_id(topic, event.event_id),
+        msg_id=msg,
         body=body,
     )
+
+
+def _outer(raw: bytes, field: str, shapes: str) -> list[msgspec.Raw] | dict[str, msgspec.Raw]:
+    """Split a body (or its `events` member) into raw events, or raise BodyError saying why."""
+    decoder = _top if field == "body" else _items
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError:
+        message = shapes
+    except msgspec.DecodeError as exc:
+        message = decode_problem(raw, exc)
+    except RecursionError:
+        message = "JSON is nested too deeply"
+    raise BodyError([FieldError(field=field, message=message)])
 
 
 def prepare(raw: bytes, *, now: datetime, subject_prefix: str, max_payload: int) -> list[Outgoing]:
@@ -145,19 +122,10 @@ def prepare(raw: bytes, *, now: datetime, subject_prefix: str, max_payload: int)
     """
     if not raw.strip():
         raise BodyError([FieldError(field="body", message="empty body: " + _SHAPES)])
-    try:
-        top = _top.decode(raw)
-    except msgspec.ValidationError:
-        raise BodyError([FieldError(field="body", message=_SHAPES)]) from None
-    except msgspec.DecodeError as exc:
-        raise BodyError([FieldError(field="body", message=f"not valid JSON: {exc}")]) from None
+    top = _outer(raw, "body", _SHAPES)
     if isinstance(top, dict) and "events" in top and "event_id" not in top:
-        try:
-            items = _items.decode(top["events"])
-        except msgspec.ValidationError:
-            raise BodyError(
-                [FieldError(field="events", message="expected an array of events")]
-            ) from None
+        items = _outer(bytes(top["events"]), "events", "expected an array of events")
+        assert isinstance(items, list)
         prefix = "events"
     elif isinstance(top, list):
         items, prefix = top, "events"
@@ -186,12 +154,7 @@ def prepare_one(
     raw: bytes, *, now: datetime, subject_prefix: str, max_payload: int, default_topic: str | None
 ) -> Outgoing:
     """Validate a body holding one event object; `topic` may be left to `default_topic`."""
-    try:
-        top = _top.decode(raw)
-    except msgspec.ValidationError:
-        top = None
-    except msgspec.DecodeError as exc:
-        raise BodyError([FieldError(field="body", message=f"not valid JSON: {exc}")]) from None
+    top = _outer(raw, "body", "expected one event object")
     if not isinstance(top, dict):
         raise BodyError([FieldError(field="body", message="expected one event object")])
     errors: list[FieldError] = []

@@ -21,6 +21,7 @@ _DESCRIPTIONS = {
     404: "Nothing is stored under this key.",
     409: "The request conflicts with what is stored.",
     413: "The body is over the configured limit (MAX_BODY_BYTES).",
+    415: "The body is not sent as Content-Type: application/json.",
     422: "Invalid input; `errors` names each field at fault.",
     429: "Over the client's rate limit; retry after the Retry-After delay.",
     503: "NATS or PostgreSQL is unavailable; retry after the Retry-After delay.",

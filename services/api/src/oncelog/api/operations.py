@@ -23,6 +23,7 @@ from oncelog.api.schemas import (
     Readiness,
     StreamState,
 )
+from oncelog.platform.health import stuck as stuck_consumers
 
 __all__ = ["health", "metrics", "queue_stats", "ready"]
 
@@ -37,26 +38,38 @@ async def health() -> Health:
 
 @get(
     "/ready",
-    summary="Readiness: NATS and PostgreSQL are reachable",
+    summary="Readiness: NATS and PostgreSQL are reachable and no consumer is stuck",
     tags=["operations"],
     responses=errors(503),
 )
 async def ready(state: State) -> Response[Readiness | ErrorBody]:
-    """Answer 200 when NATS and PostgreSQL both answer, 503 naming each failing part otherwise."""
+    """Answer 200 when NATS and PostgreSQL answer and no live consumer replica is stuck on a
+    batch; 503 naming each failing part otherwise."""
     failing: list[FieldError] = []
     nc = state.nc
     if nc is None or not nc.is_connected:
         failing.append(FieldError(field="nats", message="unreachable"))
     try:
         async with state.pool.acquire(timeout=2) as conn:
-            await conn.fetchval("SELECT 1", timeout=2)
+            stuck = await stuck_consumers(conn)
     except Exception as exc:
         _log.warning("readiness: postgres unreachable: %r", exc)
         failing.append(FieldError(field="postgres", message="unreachable"))
+    else:
+        # A replica that keeps failing to commit a batch holds those events back: the
+        # pipeline is not doing its job even though every server answers.
+        failing.extend(
+            FieldError(
+                field=f"consumer {s.consumer_id}",
+                message=f"{s.stuck_batches} batch(es) failing to commit since "
+                f"{s.stuck_since.isoformat() if s.stuck_since else 'recently'}: {s.last_error}",
+            )
+            for s in stuck
+        )
     if failing:
         names = " and ".join(f.field for f in failing)
         return Response(
-            ErrorBody(status_code=503, detail=f"not ready: {names} unreachable", errors=failing),
+            ErrorBody(status_code=503, detail=f"not ready: {names}", errors=failing),
             status_code=HTTP_503_SERVICE_UNAVAILABLE,
             headers={"Retry-After": "1"},
         )

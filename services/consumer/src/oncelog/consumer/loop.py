@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import socket
 import time
 from collections import Counter
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import asyncpg
 from nats.aio.client import Client
@@ -17,11 +20,18 @@ from oncelog.consumer.metrics import ConsumerMetrics
 from oncelog.consumer.pull import Puller, message_size
 from oncelog.consumer.store import Item, Outcome, store_batch
 from oncelog.events import Decoded, decode_message
+from oncelog.platform import health
 from oncelog.platform.settings import ConsumerSettings
 from oncelog.platform.stats import STATS_SHARDS
 from oncelog.platform.wire import Delivered, Delivery, reply_bytes, respond
 
-__all__ = ["Consumer"]
+__all__ = ["STUCK_AFTER", "Consumer"]
+
+# A batch whose commit failed this many times in a row counts as stuck: the metric and the
+# API's /ready show it, while the batch keeps being retried.
+STUCK_AFTER = 3
+# How often a replica refreshes its row in consumer_health (see oncelog.platform.health).
+HEALTH_INTERVAL_SECONDS = 5.0
 
 _log = logging.getLogger("oncelog.consumer")
 _V1_ACK_TOKENS = 9
@@ -82,6 +92,10 @@ class Consumer:
         self._held_bytes = 0
         # Longer than any statement may run (statement_timeout), so only a dead connection hits it.
         self._commit_deadline = settings.statement_timeout_ms / 1000 + 15
+        self.consumer_id = settings.consumer_id or f"{socket.gethostname()}-{os.getpid()}"
+        # Batches now failing STUCK_AFTER times or more: when each got stuck, the last error.
+        self._stuck: dict[int, datetime] = {}
+        self._last_error: str | None = None
 
     def _deliver(self, msg: Delivered) -> None:
         self._held_bytes += message_size(msg)
@@ -107,6 +121,7 @@ class Consumer:
             asyncio.create_task(self._work(puller, stop, (self.shard + i) % STATS_SHARDS))
             for i in range(workers)
         ]
+        tasks.append(asyncio.create_task(self._report_health(stop)))
         try:
             while not stop.is_set():
                 if not self.nc.is_connected:
@@ -131,6 +146,32 @@ class Consumer:
                 await respond(self.nc, self._buffer, b"-NAK")
             self._buffer.clear()
             self._held_bytes = 0
+
+    async def _report_health(self, stop: asyncio.Event) -> None:
+        """Refresh this replica's row in consumer_health until stopped; failures only wait."""
+        reported: int | None = None
+        while not stop.is_set():
+            stuck = len(self._stuck)
+            # Refreshed on every change and on every interval while stuck, so /ready sees a
+            # live replica's state; a healthy replica that reported so once stays quiet.
+            if stuck or reported != 0:
+                since = min(self._stuck.values(), default=None)
+                try:
+                    async with (
+                        asyncio.timeout(HEALTH_INTERVAL_SECONDS),
+                        self.pool.acquire(timeout=HEALTH_INTERVAL_SECONDS) as conn,
+                    ):
+                        await health.report(
+                            conn,
+                            self.consumer_id,
+                            stuck,
+                            since,
+                            self._last_error if stuck else None,
+                        )
+                    reported = stuck
+                except Exception as exc:  # the store may be the very thing that is down
+                    _log.debug("health report failed", extra={"error": repr(exc)})
+            await _sleep_or_stop(stop, HEALTH_INTERVAL_SECONDS if stuck else 1.0)
 
     async def _work(self, puller: Puller, stop: asyncio.Event, shard: int) -> None:
         size = self.settings.batch_size
@@ -167,6 +208,15 @@ class Consumer:
     async def _commit(
         self, items: list[Item], msgs: Sequence[Delivered], stop: asyncio.Event, shard: int
     ) -> Outcome | None:
+        try:
+            return await self._retry(items, msgs, stop, shard)
+        finally:
+            if self._stuck.pop(id(items), None) is not None:
+                self.metrics.stuck_batches.set(len(self._stuck))
+
+    async def _retry(
+        self, items: list[Item], msgs: Sequence[Delivered], stop: asyncio.Event, shard: int
+    ) -> Outcome | None:
         attempt = 0
         while True:
             started = time.perf_counter()
@@ -183,6 +233,11 @@ class Consumer:
                 unexpected = not isinstance(exc, _STORE_ERRORS)
                 attempt += 1
                 self.metrics.commit_failures.inc()
+                if attempt >= STUCK_AFTER:
+                    self._last_error = repr(exc)
+                    if id(items) not in self._stuck:
+                        self._stuck[id(items)] = datetime.now(UTC)
+                        self.metrics.stuck_batches.set(len(self._stuck))
                 delay = min(self.settings.retry_max_seconds, 0.1 * 2**attempt) * random.uniform(
                     0.5, 1.0
                 )
@@ -229,6 +284,8 @@ class Consumer:
             m.dead.labels(code).inc(n)
         m.redelivered.inc(outcome.redelivered)
         m.conflicting.inc(outcome.conflicting)
+        if outcome.isolated:
+            m.isolated.inc()
         m.batches.inc()
         m.batch_size.observe(len(items))
         m.last_commit.set(now)

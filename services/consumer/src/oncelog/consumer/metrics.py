@@ -78,6 +78,17 @@ class ConsumerMetrics:
             "Batch transactions that failed and were retried.",
             registry=registry,
         )
+        self.stuck_batches = Gauge(
+            "oncelog_consumer_stuck_batches",
+            "Batches whose commit has failed STUCK_AFTER times or more in a row and is still"
+            " being retried.",
+            registry=registry,
+        )
+        self.isolated = Counter(
+            "oncelog_consumer_isolated_batches_total",
+            "Batches the store refused as a whole and that were split to isolate the culprits.",
+            registry=registry,
+        )
         self.batch_size = Histogram(
             "oncelog_batch_size_messages",
             "Messages per committed batch.",

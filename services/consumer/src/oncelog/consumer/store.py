@@ -13,7 +13,7 @@ from oncelog.events import Decoded, Rejected, from_ns
 from oncelog.platform.db import Conn
 from oncelog.platform.wire import parse_headers
 
-__all__ = ["DEAD_RAW_LIMIT", "Item", "Outcome", "store_batch"]
+__all__ = ["DEAD_RAW_LIMIT", "Item", "Outcome", "UnstorableError", "is_data_error", "store_batch"]
 
 # Dead letters keep the whole message up to this size, and its first bytes beyond it.
 DEAD_RAW_LIMIT = 64 * 1024
@@ -89,7 +89,9 @@ ON CONFLICT (topic, shard) DO UPDATE SET
     last_stored_at = COALESCE(excluded.last_stored_at, s.last_stored_at)
 """
 
-_PROBE = "SELECT $1::text::jsonb, $2::text, $3::text, $4::text"
+# Refusals of a value before it reaches PostgreSQL: asyncpg's encoders (a date out of range,
+# say) and text that UTF-8 cannot encode.
+_CLIENT_DATA_ERRORS = (asyncpg.DataError, UnicodeError, OverflowError, msgspec.EncodeError)
 
 _headers_encoder = msgspec.json.Encoder()
 _encode = msgspec.json.Encoder().encode
@@ -127,6 +129,18 @@ class Outcome(msgspec.Struct):
     redelivered: int = 0
     conflicting: int = 0
     duplicate_ages: list[float] = msgspec.field(default_factory=list)
+    # The store refused the batch as a whole, and it was stored with its culprits isolated.
+    isolated: bool = False
+
+    def merge(self, other: Outcome) -> Outcome:
+        """Return this outcome with another part of the same batch added."""
+        self.stored |= other.stored
+        self.duplicates |= other.duplicates
+        self.dead.update(other.dead)
+        self.redelivered += other.redelivered
+        self.conflicting += other.conflicting
+        self.duplicate_ages.extend(other.duplicate_ages)
+        return self
 
 
 class _Counts:
@@ -156,38 +170,70 @@ def _topic_key(item: Item) -> str:
     return (rest or item.subject)[:255]
 
 
-async def _find_unstorable(conn: Conn, items: list[Item]) -> dict[int, str]:
-    """Return the seqs of events PostgreSQL refuses to store, with its reason for each."""
-    bad: dict[int, str] = {}
-    for item in items:
-        event = item.result
-        assert isinstance(event, Decoded)
-        try:
-            async with conn.transaction():
-                await conn.fetchrow(
-                    _PROBE, event.payload.decode(), event.event_id, event.source, event.topic
-                )
-        except asyncpg.PostgresError as exc:
-            if str(exc.sqlstate)[:2] not in _DATA_ERROR_CLASSES:
-                raise
-            bad[item.seq] = f"PostgreSQL refused the event: {exc}"
-    return bad
+def is_data_error(exc: BaseException) -> bool:
+    """Whether a failure is caused by a value in the batch rather than by the store itself.
+
+    PostgreSQL's classes 22 and 54, and asyncpg's or msgspec's refusal to encode a value on the
+    client side. Connection, timeout and permission failures are not: they never make an event
+    a dead letter, they make the batch wait for the store.
+    """
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(exc.sqlstate)[:2] in _DATA_ERROR_CLASSES
+    return isinstance(exc, _CLIENT_DATA_ERRORS)
 
 
 async def store_batch(conn: Conn, items: list[Item], shard: int) -> Outcome:
-    """Store a batch in one transaction and return what it did; ack only after this returns."""
+    """Store a batch in one transaction and return what it did; ack only after this returns.
+
+    A value the store refuses fails the whole statement without naming its event. The batch is
+    then stored again with the culprits isolated: halves in savepoints, split down to the single
+    messages at fault, which become dead letters with the store's reason, while the rest is
+    stored. The validator makes this path rare; it is what guarantees that no message, however
+    it slipped through, can block the ones behind it.
+    """
     try:
         async with conn.transaction():
             return await _store(conn, items, shard, {})
-    except asyncpg.PostgresError as exc:
-        if str(exc.sqlstate)[:2] not in _DATA_ERROR_CLASSES:
+    except Exception as exc:
+        if not is_data_error(exc):
             raise
-    valid = [item for item in items if isinstance(item.result, Decoded)]
+    # Copies of one stream sequence (a redelivery while the first copy waited) stay together.
+    groups: dict[int, list[Item]] = {}
+    for item in items:
+        groups.setdefault(item.seq, []).append(item)
     async with conn.transaction():
-        unstorable = await _find_unstorable(conn, valid)
-        if not unstorable:
-            raise RuntimeError("a data error was raised by no single event of the batch")
-        return await _store(conn, items, shard, unstorable)
+        outcome = await _isolate(conn, list(groups.values()), shard, {})
+    outcome.isolated = True
+    return outcome
+
+
+async def _isolate(
+    conn: Conn, groups: list[list[Item]], shard: int, refused: dict[int, str]
+) -> Outcome:
+    try:
+        async with conn.transaction():
+            return await _store(conn, [item for group in groups for item in group], shard, refused)
+    except Exception as exc:
+        if not is_data_error(exc):
+            raise
+        error = exc
+    if len(groups) > 1:
+        middle = len(groups) // 2
+        first = await _isolate(conn, groups[:middle], shard, refused)
+        return first.merge(await _isolate(conn, groups[middle:], shard, refused))
+    item = groups[0][0]
+    if item.seq in refused or isinstance(item.result, Rejected):
+        # Even its dead letter was refused: nothing can be stored for it, so the batch fails
+        # and is retried (and reported stuck) rather than the message being dropped.
+        raise UnstorableError(
+            f"stream sequence {item.seq} cannot be stored even as a dead letter"
+        ) from error
+    reason = f"PostgreSQL refused the event: {error}"
+    return await _isolate(conn, groups, shard, {**refused, item.seq: _storable(reason)})
+
+
+class UnstorableError(RuntimeError):
+    """A message that the store refuses even as a dead letter."""
 
 
 async def _store(conn: Conn, items: list[Item], shard: int, unstorable: dict[int, str]) -> Outcome:
@@ -307,6 +353,9 @@ async def _insert_dead(
 
 
 def _storable(text: str) -> str:
+    """Return text PostgreSQL can store: NUL made visible, a lone surrogate escaped."""
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode()
     return text.replace("\x00", "\ufffd")
 
 
