@@ -45,10 +45,10 @@ def _field_errors(extra: Any) -> list[FieldError]:
 
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
     status = exc.status_code
-    errors: list[FieldError] = []
+    # Every error may name the fields (or headers) at fault; a 422 always does.
+    errors = _field_errors(exc.extra)
     if isinstance(exc, ValidationException):
         status = HTTP_422_UNPROCESSABLE_ENTITY
-        errors = _field_errors(exc.extra)
     headers = dict(exc.headers or {})
     if status == HTTP_503_SERVICE_UNAVAILABLE:
         headers.setdefault("Retry-After", "1")
