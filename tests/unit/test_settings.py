@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from oncelog.platform.settings import ConsumerSettings, SettingsError, load
+from oncelog.platform.settings import BrokerSettings, ConsumerSettings, SettingsError, load
 
 
 def test_defaults_match_the_contract() -> None:
@@ -36,3 +36,25 @@ def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> Non
     """A value that cannot be used raises an error naming the environment variable."""
     with pytest.raises(SettingsError, match=variable):
         load(ConsumerSettings, env)
+
+
+def test_inbox_prefix_defaults_to_nats_py_default() -> None:
+    """Without NATS_INBOX_PREFIX the inbox prefix is nats-py's own, `_INBOX`."""
+    assert load(BrokerSettings, {}).nats_inbox_prefix == "_INBOX"
+
+
+@pytest.mark.parametrize("prefix", ["_INBOX_consumer", "tenant-a.replies", "A9"])
+def test_inbox_prefix_accepts_subject_tokens(prefix: str) -> None:
+    """A prefix of dot-separated tokens of letters, digits, `_` and `-` is taken as it is."""
+    settings = load(BrokerSettings, {"NATS_INBOX_PREFIX": prefix})
+    assert settings.nats_inbox_prefix == prefix
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    ["", "_INBOX.>", "_INBOX_*", "_INBOX.", ".x", "a..b", "my inbox", "x\n", "x\ty", "ä"],
+)
+def test_inbox_prefix_must_be_a_literal_subject_prefix(prefix: str) -> None:
+    """A wildcard, whitespace, an empty token or another character is refused, naming the variable."""
+    with pytest.raises(SettingsError, match="NATS_INBOX_PREFIX"):
+        load(BrokerSettings, {"NATS_INBOX_PREFIX": prefix})

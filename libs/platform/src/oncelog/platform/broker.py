@@ -43,7 +43,7 @@ _STREAM_NAME_IN_USE = 10058
 
 
 def connect_options(settings: BrokerSettings) -> dict[str, Any]:
-    """Return nats-py's authentication and TLS options for the configured credentials."""
+    """Return nats-py's authentication, inbox and TLS options for the configured credentials."""
     options: dict[str, Any] = {}
     if settings.nats_user:
         options["user"] = settings.nats_user
@@ -54,6 +54,12 @@ def connect_options(settings: BrokerSettings) -> dict[str, Any]:
         options["nkeys_seed"] = settings.nats_nkey_seed
     if settings.nats_creds:
         options["user_credentials"] = settings.nats_creds
+    if settings.nats_inbox_prefix != "_INBOX":
+        # Every inbox nats-py makes (new_inbox, request and JetStream replies, pull
+        # subscriptions) starts with this prefix, and auth.conf lets each user subscribe to its
+        # own prefix only, so no user can read another's deliveries or replies. nats-py's own
+        # default is "_INBOX", so the option is passed only when it differs.
+        options["inbox_prefix"] = settings.nats_inbox_prefix
     if settings.nats_tls_ca or settings.nats_tls_cert or settings.nats_url.startswith("tls://"):
         # Verification stays on: with no CA file given, the system's trust store is used.
         context = ssl.create_default_context(

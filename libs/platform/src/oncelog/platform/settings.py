@@ -49,6 +49,10 @@ class BrokerSettings(msgspec.Struct, frozen=True, kw_only=True):
     nats_token: str = ""
     nats_nkey_seed: str = ""
     nats_creds: str = ""
+    # Reply inboxes' subject prefix (NATS_INBOX_PREFIX): auth.conf gives each user only its own.
+    nats_inbox_prefix: Annotated[
+        str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\Z")
+    ] = "_INBOX"
     # TLS: a CA bundle to verify the server, and a client certificate and key for mutual TLS.
     nats_tls_ca: str = ""
     nats_tls_cert: str = ""
