@@ -1,7 +1,8 @@
-"""`just up` end to end: the embedded stack, the publisher, a restart that keeps everything."""
+"""`just up` end to end: the embedded stack, the publisher, restarts that keep everything."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,9 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
+from oncelog.platform.devstack import GIVE_UP_AFTER, RESTART_BASE_SECONDS
 from oncelog.platform.embedded import free_port
+from oncelog.platform.settings import ConsumerSettings
 
 
 def get_json(url: str) -> tuple[int, Any]:
@@ -75,10 +79,14 @@ class Stack:
         assert self.proc.wait(60) == 0
         self.proc = None
 
+    @property
+    def database_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.env['PG_PORT']}/oncelog"
+
     def publish(self, *args: str) -> dict[str, Any]:
         env = self.env | {
             "NATS_URL": f"nats://127.0.0.1:{self.env['NATS_PORT']}",
-            "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{self.env['PG_PORT']}/oncelog",
+            "DATABASE_URL": self.database_url,
         }
         out = subprocess.run(
             [sys.executable, "-m", "oncelog.publisher", "--json", "--quiet", *args],
@@ -152,3 +160,168 @@ def test_up_publish_restart_keeps_every_event_once(stack: Stack) -> None:
     assert all(line.startswith(("oncelog is up", "Publish with")) for line in prose), prose
     loggers = {json.loads(line)["logger"] for line in lines if line.startswith("{")}
     assert {"oncelog.consumer", "oncelog.embedded"} <= loggers
+
+
+def children(pid: int) -> dict[int, str]:
+    """Return the live child processes of `pid` with their command lines."""
+    found: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if int(ppid) == pid and state not in ("Z", "X"):
+            found[int(stat.parent.name)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
+    return found
+
+
+def child_pid(stack: Stack, marker: str) -> int | None:
+    """Return the pid of the stack's child whose command line holds `marker`, if one runs."""
+    assert stack.proc is not None
+    pids = [pid for pid, cmd in children(stack.proc.pid).items() if marker in cmd]
+    assert len(pids) <= 1, pids
+    return pids[0] if pids else None
+
+
+def postmaster_pid(data: Path) -> int | None:
+    """Return the pid in the cluster's postmaster.pid, if the file is there."""
+    try:
+        return int((data / "postgres" / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def restart_lines(stack: Stack) -> list[dict[str, Any]]:
+    """Return the supervisor's restart lines logged so far."""
+    lines = [json.loads(x) for x in stack.log.read_text().splitlines() if x.startswith("{")]
+    return [x for x in lines if x["logger"] == "oncelog.devstack" and "restart_in_seconds" in x]
+
+
+def stored_rows(stack: Stack) -> tuple[int, int]:
+    """Return the events table's row count and its count of distinct (topic, event_id)."""
+
+    async def query() -> tuple[int, int]:
+        conn = await asyncpg.connect(stack.database_url)
+        try:
+            row = await conn.fetchrow(
+                "SELECT count(*) AS n, count(DISTINCT (topic, event_id)) AS u FROM events"
+            )
+        finally:
+            await conn.close()
+        assert row is not None
+        return int(row["n"]), int(row["u"])
+
+    return asyncio.run(query())
+
+
+def test_up_restarts_a_killed_consumer_nats_and_postgres(stack: Stack, tmp_path: Path) -> None:
+    """A consumer, nats-server and PostgreSQL killed with SIGKILL come back on their data, each
+    restart is logged, and every event published around the kills is stored exactly once."""
+    data = tmp_path / "data"
+    sent = unique = 0
+
+    def publish(seed: int, dup_rate: str = "0.2", *, again: bool = False) -> None:
+        nonlocal sent, unique
+        summary = stack.publish("--count", "2000", "--dup-rate", dup_rate, "--seed", str(seed))
+        assert summary["errors"] == 0, summary
+        sent += summary["sent"]
+        unique += 0 if again else summary["unique"]
+
+    def drained() -> dict[str, Any] | None:
+        status, stats = get_json(stack.api + "/stats")
+        return stats if status == 200 and stats["received"] == sent else None
+
+    def killed_and_back(name: str, find: Any) -> int:
+        """Kill the process `find()` names with SIGKILL; return the pid it comes back with."""
+        old = find()
+        assert old is not None, f"no {name} running"
+        before = len(restart_lines(stack))
+        os.kill(old, signal.SIGKILL)
+        line = wait_for(
+            lambda: next((x for x in restart_lines(stack)[before:] if x["child"] == name), None),
+            30,
+            f"{name}'s restart line",
+        )
+        assert line["exit"] == "was killed by SIGKILL", line
+        assert 0 < line["restart_in_seconds"] <= 30, line
+        return int(wait_for(lambda: (pid := find()) not in (None, old) and pid, 60, f"{name} back"))
+
+    publish(1)
+    wait_for(drained, 60, "the first events stored")
+
+    # The consumer dies; what is published meanwhile waits in the stream for its successor.
+    killed_and_back("consumer replica-0", lambda: child_pid(stack, "oncelog.consumer"))
+    publish(2)
+    wait_for(drained, 60, "events published around the consumer's restart stored")
+
+    killed_and_back("nats-server", lambda: child_pid(stack, "nats-server"))
+    wait_for(lambda: get_json(stack.api + "/ready")[0] == 200, 60, "readiness after NATS")
+    publish(3)
+    wait_for(drained, 60, "events published after NATS's restart stored")
+
+    # Published while PostgreSQL restarts (no duplicates: the publisher then needs no database):
+    # the consumer keeps the batches until it can commit them.
+    pg = killed_and_back("postgres", lambda: postmaster_pid(data))
+    assert stack.proc is not None
+    assert pg in children(stack.proc.pid), "postgres restarted by the stack"
+    publish(4, dup_rate="0")
+    wait_for(drained, 60, "events published around PostgreSQL's restart stored")
+
+    # The first events again, long past the broker's window: the store drops every one.
+    publish(1, again=True)
+    stats = wait_for(drained, 60, "the replayed events counted")
+    check_invariants(stats)
+    assert stats["unique_processed"] == unique
+    assert stored_rows(stack) == (stats["unique_processed"],) * 2
+    assert stats["duplicate_dropped"] == sent - stats["unique_processed"]
+
+    stack.down()
+    # The stop ended what ran without taking it for crashes.
+    assert [x["child"] for x in restart_lines(stack)] == [
+        "consumer replica-0",
+        "nats-server",
+        "postgres",
+    ]
+    assert postmaster_pid(data) is None
+
+
+def test_up_gives_up_on_a_service_that_crashes_at_every_start(
+    settings: ConsumerSettings, tmp_path: Path
+) -> None:
+    """With external servers only the services run; one that fails at every start is restarted
+    with a doubling delay until its fifth quick crash, then the stack stops with exit code 1."""
+    env = dict(os.environ) | {
+        "NATS_URL": settings.nats_url,
+        "DATABASE_URL": settings.database_url,
+        "STREAM": settings.stream,
+        "SUBJECT_PREFIX": settings.subject_prefix,
+        "ALLOW_UNSAFE_POSTGRES": "true",
+        "ONCELOG_DATA_DIR": str(tmp_path / "data"),
+        "API_PORT": str(free_port()),
+        "METRICS_PORT": str(free_port()),
+        # Refused by the consumer's settings, as a typo in a deployment would be.
+        "BATCH_SIZE": "0",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "oncelog.platform.devstack"],
+        env=env,
+        capture_output=True,
+        check=False,
+        timeout=120,
+    )
+    err = out.stderr.decode()
+    assert out.returncode == 1, err
+    assert (
+        err.rstrip()
+        .splitlines()[-1]
+        .startswith("just up: consumer replica-0 exited with code 1; it crashed 5 times in a row")
+    ), err
+    lines = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
+    delays = [x["restart_in_seconds"] for x in lines if "restart_in_seconds" in x]
+    assert len(delays) == GIVE_UP_AFTER - 1, err
+    # Each delay is drawn from the upper half of its doubling step.
+    for step, delay in enumerate(delays):
+        nominal = RESTART_BASE_SECONDS * 2**step
+        assert nominal / 2 <= delay <= nominal, delays
+    assert not [x for x in lines if x["logger"] == "oncelog.embedded"], err

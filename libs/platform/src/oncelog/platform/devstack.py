@@ -1,20 +1,27 @@
 """`just up`: embedded NATS and PostgreSQL, then the consumer and the API, in the foreground.
 
-Ctrl-C (or SIGTERM) stops the services first, letting them drain, then the servers. Data lives
-under ONCELOG_DATA_DIR (default `.data/`), so the next `up` finds it all again. NATS_URL and
-DATABASE_URL point the services at external servers instead of starting embedded ones.
+Every process it starts is supervised: one that ends unasked is restarted with a bounded,
+jittered exponential backoff, on the same data; one that keeps crashing right after its start
+stops the stack (see docs/operations.md). Ctrl-C (or SIGTERM) stops the services first, letting
+them drain, then the servers. Data lives under ONCELOG_DATA_DIR (default `.data/`), so the next
+`up` finds it all again. NATS_URL and DATABASE_URL point the services at external servers
+instead of starting embedded ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -30,10 +37,28 @@ from oncelog.platform.embedded import (
 )
 from oncelog.platform.settings import CommonSettings, load
 
-__all__ = ["main"]
+__all__ = [
+    "GIVE_UP_AFTER",
+    "RESTART_BASE_SECONDS",
+    "RESTART_MAX_SECONDS",
+    "STABLE_AFTER_SECONDS",
+    "Supervised",
+    "main",
+    "supervise",
+]
 
 _log = logging.getLogger("oncelog.devstack")
 DATABASE = "oncelog"
+
+# The first restart waits about RESTART_BASE_SECONDS, each further one twice as long up to
+# RESTART_MAX_SECONDS, every delay drawn between half and all of that so replicas that crashed
+# together do not come back in lockstep. A process that ran STABLE_AFTER_SECONDS was healthy:
+# its next crash starts the backoff over. GIVE_UP_AFTER crashes in a row, each sooner than that
+# after the start, mean it cannot run (a bad setting, a port taken): the stack stops.
+RESTART_BASE_SECONDS = 1.0
+RESTART_MAX_SECONDS = 30.0
+STABLE_AFTER_SECONDS = 30.0
+GIVE_UP_AFTER = 5
 
 
 def _env_int(name: str, default: int) -> int:
@@ -84,54 +109,204 @@ def _spawn(module: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
     )
 
 
-def _stop_all(children: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> None:
-    for child in children:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for child in children:
-        try:
-            child.wait(max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+def _describe(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+        return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 Server = NatsServer | PostgresServer | PrometheusServer
 
 
-def _start_servers(data: Path, env: dict[str, str], servers: list[Server]) -> None:
+class Supervised:
+    """A process `just up` keeps running: an embedded server, or a service run from a module."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        server: Server | None = None,
+        dependency: bool = False,
+        module: str = "",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.server = server
+        # NATS and PostgreSQL: the services need them, so they are restarted first.
+        self.dependency = dependency
+        self.module = module
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        # Crashes in a row that came sooner than STABLE_AFTER_SECONDS after a start.
+        self.quick_crashes = 0
+        self.restarts = 0
+        # When the process is down, the monotonic time it is due to be started again.
+        self.restart_at: float | None = None
+
+    def start(self) -> None:
+        """Start the process (a server: wait until it is ready)."""
+        # Taken before the attempt, so a start that fails counts as a crash right after it.
+        self.started_at = time.monotonic()
+        if self.server is not None:
+            self.server.start()
+        else:
+            self.proc = _spawn(self.module, self.env)
+
+    def returncode(self) -> int | None:
+        """Return the exit status once the process has ended, else None."""
+        if self.server is not None:
+            return self.server.returncode()
+        return None if self.proc is None else self.proc.poll()
+
+    def reap(self) -> None:
+        """Clean up after a process that ended by itself."""
+        if self.server is not None:
+            self.server.reap()
+        self.proc = None
+
+    def crashed(self, why: str) -> str | None:
+        """Schedule the restart after a crash and log it; return why to give up instead."""
+        now = time.monotonic()
+        up = now - self.started_at
+        self.quick_crashes = self.quick_crashes + 1 if up < STABLE_AFTER_SECONDS else 1
+        if self.quick_crashes >= GIVE_UP_AFTER:
+            return (
+                f"{self.name} {why}; it crashed {self.quick_crashes} times in a row, each within"
+                f" {STABLE_AFTER_SECONDS:.0f} s of its start, so it is not restarted again"
+            )
+        nominal = min(RESTART_MAX_SECONDS, RESTART_BASE_SECONDS * 2 ** (self.quick_crashes - 1))
+        delay = nominal * random.uniform(0.5, 1.0)
+        self.restart_at = now + delay
+        self.restarts += 1
+        at = datetime.now(UTC) + timedelta(seconds=delay)
+        _log.warning(
+            "%s %s after %.1f s; restarting it in %.1f s",
+            self.name,
+            why,
+            up,
+            delay,
+            extra={
+                "child": self.name,
+                "exit": why,
+                "uptime_seconds": round(up, 3),
+                "restart_in_seconds": round(delay, 3),
+                "restart_at": at.isoformat(timespec="milliseconds"),
+                "restarts": self.restarts,
+            },
+        )
+        return None
+
+
+def _stop_all(children: list[Supervised], timeout: float = 30.0) -> None:
+    """Stop the services together, so they drain in parallel, killing them after `timeout`."""
+    running = [c.proc for c in children if c.proc is not None and c.proc.poll() is None]
+    for proc in running:
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in running:
+        try:
+            proc.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _start_servers(data: Path, env: dict[str, str], servers: list[Supervised]) -> None:
     """Start embedded NATS and PostgreSQL unless NATS_URL/DATABASE_URL name external ones."""
     if "NATS_URL" not in env:
         nats_server = NatsServer(
             data / "nats",
             port=_env_int("NATS_PORT", 4222),
             monitor_port=_env_int("NATS_MONITOR_PORT", 8222),
-        ).start()
-        servers.append(nats_server)
+        )
+        servers.append(Supervised("nats-server", server=nats_server, dependency=True))
+        servers[-1].start()
         env["NATS_URL"] = nats_server.url
     postgres_url = ""
     if "DATABASE_URL" not in env:
-        postgres = PostgresServer(data / "postgres", port=_env_int("PG_PORT", 5432)).start()
-        servers.append(postgres)
+        postgres = PostgresServer(data / "postgres", port=_env_int("PG_PORT", 5432))
+        servers.append(Supervised("postgres", server=postgres, dependency=True))
+        servers[-1].start()
         postgres_url = postgres.url()
         env["DATABASE_URL"] = postgres.url(DATABASE)
     asyncio.run(_prepare(postgres_url, load(CommonSettings, env), create_db=bool(postgres_url)))
 
 
-def _start_services(
-    env: dict[str, str], replicas: int, metrics_port: int
-) -> list[subprocess.Popen[bytes]]:
+def _start_services(env: dict[str, str], replicas: int, metrics_port: int) -> list[Supervised]:
     """Run the consumer replicas (metrics on consecutive ports) and the API."""
     children = [
-        _spawn(
-            "oncelog.consumer",
-            env | {"METRICS_PORT": str(metrics_port + i), "CONSUMER_ID": f"replica-{i}"},
+        Supervised(
+            f"consumer replica-{i}",
+            module="oncelog.consumer",
+            env=env | {"METRICS_PORT": str(metrics_port + i), "CONSUMER_ID": f"replica-{i}"},
         )
         for i in range(replicas)
     ]
-    children.append(_spawn("oncelog.api", env))
+    children.append(Supervised("api", module="oncelog.api", env=env))
+    for child in children:
+        child.start()
     return children
+
+
+def _notice(p: Supervised) -> str:
+    """If `p` has ended, clean up after it and schedule its restart; return why to give up."""
+    if p.restart_at is not None:
+        return ""
+    code = p.returncode()
+    if code is None:
+        return ""
+    try:
+        p.reap()
+    except EmbeddedError as exc:
+        return f"{p.name} {_describe(code)} and could not be cleaned up: {exc}"
+    return p.crashed(_describe(code)) or ""
+
+
+def _restart_when_due(p: Supervised) -> str:
+    """Start `p` again once its backoff has passed; return why to give up."""
+    if p.restart_at is None or time.monotonic() < p.restart_at:
+        return ""
+    try:
+        p.start()
+    except (EmbeddedError, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        return p.crashed(f"failed to start ({first})") or ""
+    p.restart_at = None
+    return ""
+
+
+def supervise(processes: list[Supervised], stopping: Callable[[], bool]) -> str:
+    """Restart whatever ends until `stopping()`; return "" then, or why it gave up."""
+    dependencies = [p for p in processes if p.dependency]
+    others = [p for p in processes if not p.dependency]
+    while not stopping():
+        for p in processes:
+            # Checked before each: a Ctrl-C reaches the services too, and those that end
+            # because of it must not be taken for crashes.
+            if stopping():
+                return ""
+            if reason := _notice(p):
+                return reason
+        for p in dependencies:
+            if stopping():
+                return ""
+            if reason := _restart_when_due(p):
+                return reason
+        # While NATS or PostgreSQL is down the services' restarts wait: a consumer started
+        # without its database would only crash again and use up its restarts.
+        if any(p.restart_at is not None for p in dependencies):
+            time.sleep(0.2)
+            continue
+        for p in others:
+            if stopping():
+                return ""
+            if reason := _restart_when_due(p):
+                return reason
+        time.sleep(0.2)
+    return ""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,9 +325,10 @@ def main(argv: list[str] | None = None) -> None:
     data = Path(os.environ.get("ONCELOG_DATA_DIR", ".data")).resolve()
     data.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    servers: list[Server] = []
-    children: list[subprocess.Popen[bytes]] = []
+    servers: list[Supervised] = []
+    children: list[Supervised] = []
     stop_requested = False
+    gave_up = ""
 
     def request_stop(signum: int, frame: object) -> None:
         nonlocal stop_requested
@@ -168,7 +344,9 @@ def main(argv: list[str] | None = None) -> None:
         extra = ""
         if args.observability:
             prometheus = _start_prometheus(data, args.replicas, metrics_port, api_address)
-            servers.append(prometheus)
+            # Started ready by _start_prometheus; supervised like the services, stopped last.
+            servers.append(Supervised("prometheus", server=prometheus))
+            servers[-1].started_at = time.monotonic()
             extra = f", Prometheus {prometheus.url}"
         sys.stderr.write(
             f"\noncelog is up: API http://{api_address} (OpenAPI at /schema), NATS {env['NATS_URL']}, "
@@ -176,20 +354,20 @@ def main(argv: list[str] | None = None) -> None:
             f"{'+' if args.replicas > 1 else ''}{extra}.\n"
             "Publish with `just publish`; Ctrl-C stops everything.\n\n"
         )
-        while not stop_requested:
-            if any(child.poll() is not None for child in children):
-                _log.error("a service exited; stopping the stack")
-                break
-            time.sleep(0.2)
+        gave_up = supervise(servers + children, lambda: stop_requested)
+        if gave_up:
+            _log.error("giving up: %s; stopping the stack", gave_up)
+    except EmbeddedError as exc:
+        gave_up = str(exc)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         _stop_all(children)
-        for server in reversed(servers):
-            server.stop()
+        for supervised in reversed(servers):
+            if supervised.server is not None:
+                supervised.server.stop()
         _log.info("stack stopped; data kept in %s", data)
-    failed = [c.returncode for c in children if c.returncode not in (0, -signal.SIGTERM, None)]
-    if failed and not stop_requested:
-        sys.exit(1)
+    if gave_up:
+        sys.exit(f"just up: {gave_up}")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,19 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of group `pgid` still runs; zombies no longer count."""
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while the directory was read
+        # After the command name: state, ppid, pgrp.
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 def die_with_parent(sig: int) -> None:
     """Ask Linux to signal this child when its parent dies, so no server outlives its owner."""
     with contextlib.suppress(OSError, AttributeError):
@@ -145,6 +158,32 @@ class _Server:
     def running(self) -> bool:
         """Whether the server process is alive."""
         return self.proc is not None and self.proc.poll() is None
+
+    def returncode(self) -> int | None:
+        """Return the exit status once the server has ended (negative: killed by that signal)."""
+        return None if self.proc is None else self.proc.poll()
+
+    def reap(self, timeout: float = 10.0) -> None:
+        """Clean up after a server that ended by itself, so that start() can run it again.
+
+        What the server left of its process group (PostgreSQL's backends outlive a killed
+        postmaster for a moment) is killed and waited for: a new server must never share its
+        data directory with processes of the old one.
+        """
+        if self.proc is None:
+            return
+        pgid = self.proc.pid
+        self.kill()
+        deadline = time.monotonic() + timeout
+        while _group_alive(pgid):
+            if time.monotonic() > deadline:
+                raise EmbeddedError(f"processes of group {pgid} still run after {timeout:.0f}s")
+            time.sleep(0.05)
+        self._after_reap(pgid)
+        self.proc = None
+
+    def _after_reap(self, pid: int) -> None:
+        """Remove what the ended process `pid` left behind that would stop a new start."""
 
     def _spawn(self, argv: list[str], log: Path, death_signal: int, user: str | None) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -293,6 +332,20 @@ class PostgresServer(_Server):
     def url(self, database: str = "postgres") -> str:
         """Return a connection URL for `database` as the superuser."""
         return f"postgresql://postgres@{self.host}:{self.port}/{database}"
+
+    def _after_reap(self, pid: int) -> None:
+        """Remove the postmaster.pid a killed postmaster `pid` left behind.
+
+        PostgreSQL removes a stale lock file by itself only when no process has the pid it
+        names; once that pid is reused (soon, in a container) it refuses to start. The file
+        is removed only when it names the postmaster that was reaped, whose whole process group
+        is gone, so it can never be the lock of a live server.
+        """
+        lock = self.data_dir / "postmaster.pid"
+        with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
+            if int(lock.read_text().split()[0]) == pid:
+                lock.unlink()
+                _log.info("removed stale postmaster.pid", extra={"pid": pid})
 
     def _prepare_root(self) -> None:
         entry = _system_user(_PG_SYSTEM_USER)
