@@ -11,6 +11,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import nats
@@ -123,3 +124,14 @@ async def pool(settings: ConsumerSettings) -> AsyncIterator[asyncpg.Pool]:
 def repo_root() -> Path:
     """Return the repository's root directory."""
     return Path(__file__).resolve().parent.parent
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print what the end-to-end fuzz rounds tried and found, when any ran."""
+    from fuzzing import TALLY
+
+    if TALLY.inputs:
+        terminalreporter.section("fuzzing")
+        for name, value in vars(TALLY).items():
+            if name != "notes":
+                terminalreporter.write_line(f"{name}: {value}")
