@@ -294,3 +294,33 @@ async def test_a_nul_in_the_event_id_and_its_msg_id_is_dead_lettered(
     assert json.loads(letter["headers"]) == {"Nats-Msg-Id": "nul:a\ufffdb"}
     assert [r["event_id"] for r in await pool.fetch("SELECT event_id FROM events")] == ["after"]
     await assert_invariants(pool)
+
+
+async def test_subjects_of_any_bytes_are_dead_letters_and_block_nothing(
+    js: JetStreamContext, settings: ConsumerSettings, pool: asyncpg.Pool
+) -> None:
+    """NATS takes any bytes in a subject: one that is not UTF-8, or holds controls or NUL,
+    becomes a dead letter (bad_subject) instead of breaking the consumer's read loop."""
+    prefix = settings.subject_prefix.encode()
+    subjects = [prefix + b".\xff\xfe", prefix + b".a\x01b", prefix + b".a\x00b", prefix + b".\xc3"]
+    host, _, port = settings.nats_url.removeprefix("nats://").partition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    await reader.readline()
+    frames = b'CONNECT {"verbose":false,"headers":true}\r\n'
+    for subject in subjects:
+        frames += b"PUB %s 2\r\n{}\r\n" % subject
+        # With headers and an empty body, as a status message looks.
+        frames += b"HPUB %s 12 12\r\nNATS/1.0\r\n\r\n\r\n" % subject
+    writer.write(frames + b"PING\r\n")
+    await writer.drain()
+    assert (await reader.readline()).startswith(b"PONG")
+    writer.close()
+    await writer.wait_closed()
+    await js.publish(f"{settings.subject_prefix}.ok", body("after"))
+    async with running_consumer(settings, js, pool):
+        await wait_until(lambda: _totals_received(pool, 2 * len(subjects) + 1))
+    reasons = [r["reason"] for r in await pool.fetch("SELECT reason FROM dead_letters")]
+    assert len(reasons) == 2 * len(subjects)
+    assert all("is not" in r or "must be dot-separated" in r for r in reasons), reasons
+    assert [r["event_id"] for r in await pool.fetch("SELECT event_id FROM events")] == ["after"]
+    await assert_invariants(pool)

@@ -117,9 +117,13 @@ class Puller:
             self.sub = None
 
     def _on_frame(self, subject: bytes, reply: bytes, headers: bytes | None, data: bytes) -> bool:
-        if headers is not None and not data:
-            return False  # a status message: nats-py parses it and calls _on_msg
-        delivery = Delivery(subject.decode(), reply, headers, data)
+        if not reply:
+            # A status message (a request's end, a heartbeat) has no reply subject, while every
+            # delivery carries its ack subject: nats-py parses the status and calls _on_msg.
+            return False
+        # NATS takes any bytes in a subject, UTF-8 or not; the undecodable ones are kept (as
+        # surrogates) for the validator to refuse, rather than raised inside the read loop.
+        delivery = Delivery(subject.decode(errors="surrogateescape"), reply, headers, data)
         self.outstanding -= 1
         self.outstanding_bytes -= delivery.size
         self.deliver(delivery)

@@ -165,9 +165,10 @@ class _Counts:
 def _topic_key(item: Item) -> str:
     if isinstance(item.result, Decoded):
         return item.result.topic
-    # A dead letter counts against the topic its subject names, cut to the topic length limit.
+    # A dead letter counts against the topic its subject names, cut to the topic length limit
+    # and made storable, since a subject may hold any bytes.
     _, _, rest = item.subject.partition(".")
-    return (rest or item.subject)[:255]
+    return _storable((rest or item.subject)[:255])
 
 
 def is_data_error(exc: BaseException) -> bool:
