@@ -8,7 +8,7 @@ python := "uv run --frozen python"
 default:
     @just --list --unsorted
 
-# run the whole stack (embedded NATS + PostgreSQL, consumer, API) in the foreground
+# run the whole stack (embedded NATS + PostgreSQL, consumer, API) in the foreground, restarting what crashes
 up *args:
     {{python}} -m oncelog.platform.devstack {{args}}
 
@@ -28,9 +28,10 @@ publish *args:
 test *args:
     uv run --frozen pytest -m "not slow" {{args}}
 
-# run the fault-injection scenarios and print their table
+# run the fault-injection scenarios and a long fuzzing run (fresh random inputs), and print their tables
 test-faults *args:
     uv run --frozen pytest tests/faults -m "faults" {{args}}
+    ONCELOG_FUZZ_ROUNDS=400 uv run --frozen pytest tests/integration/test_fuzz_e2e.py tests/unit/test_validate_properties.py {{args}}
 
 # benchmark throughput, latency, queries and memory (`--quick` for a one-minute smoke run)
 bench *args:

@@ -41,8 +41,15 @@ POISON: dict[str, tuple[bytes, str]] = {
     "empty-body": (b"", "empty body"),
     "no-headers": (b"{", "not valid JSON"),
     "topic-mismatch": (b'{"event_id": "x", "topic": "other.topic"}', "disagrees with subject"),
-    "nul-in-payload": (b'{"event_id": "x", "payload": {"s": "\\u0000"}}', "PostgreSQL refused"),
-    "lone-surrogate": (b'{"event_id": "x", "payload": {"s": "\\ud800"}}', "not valid JSON"),
+    "nul-in-payload": (b'{"event_id": "x", "payload": {"s": "\\u0000"}}', "must not contain"),
+    "lone-surrogate": (b'{"event_id": "x", "payload": {"s": "\\ud800"}}', "lone UTF-16 surrogate"),
+    # These three stalled every consumer before the validator knew PostgreSQL's limits.
+    "late-timestamp": (
+        b'{"event_id": "x", "timestamp": "9999-12-31T23:59:59-01:00"}',
+        "outside years 1-9999",
+    ),
+    "nul-in-id": (b'{"event_id": "x\\u0000y"}', "control characters"),
+    "huge-number": (b'{"event_id": "x", "payload": {"n": 1e1000000}}', "exponent beyond"),
 }
 
 
@@ -53,7 +60,9 @@ async def test_poison_input_is_dead_lettered_with_its_reason_and_stalls_nothing(
     s = fault_settings(settings, max_event_bytes=MAX_EVENT_BYTES)
     fleet = fleet_factory(s)
     runs = 3
-    async with Scenario("poison input (15 kinds, raw NATS)", s, fleet, rate=250.0) as scenario:
+    async with Scenario(
+        f"poison input ({len(POISON)} kinds, raw NATS)", s, fleet, rate=250.0
+    ) as scenario:
         await scenario.start(consumers=2)
         assert scenario.nc is not None
         assert scenario.pool is not None

@@ -10,6 +10,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StreamConfig
 
+from oncelog.events import msg_id
 from oncelog.platform.publish import Outbound, PublishError, publish_many
 from oncelog.platform.settings import ConsumerSettings
 
@@ -36,14 +37,37 @@ async def test_every_message_is_acked_in_order_and_repeats_are_flagged(
 async def test_a_msg_id_is_the_same_on_both_publish_paths(
     js: JetStreamContext, settings: ConsumerSettings
 ) -> None:
-    """nats-py writes header values stripped with line breaks as spaces; so does the fast path."""
+    """The contract's Msg-Id of any id reaches the broker unchanged on either publish path."""
     subject = f"{settings.subject_prefix}.ids"
-    first = await js.publish(subject, b"{}", headers={"Nats-Msg-Id": " ids:a\r\nb "})
-    [ack] = await publish_many(
-        js, [Outbound(subject, b"{}", " ids:a\r\nb ")], deadline=time.monotonic() + 10
-    )
-    assert ack.duplicate
-    assert ack.seq == first.seq
+    for event_id in ["a-1", "a-1 ", " a\r\nb ", "\u3000", "é:~"]:
+        mid = msg_id("ids", event_id)
+        first = await js.publish(subject, b"{}", headers={"Nats-Msg-Id": mid})
+        [ack] = await publish_many(
+            js, [Outbound(subject, b"{}", mid)], deadline=time.monotonic() + 10
+        )
+        assert ack.duplicate, event_id
+        assert ack.seq == first.seq
+
+
+@pytest.mark.parametrize("bad", [" ids:a", "ids:a ", "ids:a\r\nb", "ids:\x00", "ids:é"])
+async def test_a_msg_id_a_header_would_alter_is_never_written(
+    js: JetStreamContext, settings: ConsumerSettings, bad: str
+) -> None:
+    """A Msg-Id that a header cannot carry unchanged is refused before a byte is written."""
+    subject = f"{settings.subject_prefix}.ids"
+    with pytest.raises(ValueError, match="cannot go into a NATS header"):
+        await publish_many(js, [Outbound(subject, b"{}", bad)], deadline=time.monotonic() + 5)
+    assert (await js.stream_info(settings.stream)).state.messages == 0
+
+
+@pytest.mark.parametrize("bad", ["ids.a b", "ids.a\r\nPUB x 1", "ids.\x00", ""])
+async def test_a_subject_a_frame_cannot_carry_is_never_written(
+    js: JetStreamContext, settings: ConsumerSettings, bad: str
+) -> None:
+    """A subject with a space, line break or control character is refused before it is sent."""
+    with pytest.raises(ValueError, match="cannot go into a NATS frame"):
+        await publish_many(js, [Outbound(bad, b"{}", "ids:a")], deadline=time.monotonic() + 5)
+    assert js._nc.is_connected
 
 
 async def test_a_subject_no_stream_takes_fails_by_the_deadline(
