@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -12,6 +13,7 @@ from litestar.testing import AsyncTestClient
 from nats.js import JetStreamContext
 
 from helpers import assert_invariants, running_consumer, wait_until
+from oncelog.api.ingest import BodyError, prepare
 from oncelog.platform.settings import ConsumerSettings
 
 JSON = {"Content-Type": "application/json"}
@@ -218,3 +220,44 @@ async def test_bad_query_parameters_are_422(client: AsyncTestClient[Any], query:
         resp = await client.get(f"{route}?{query}")
         assert resp.status_code == 422, (route, query, resp.text)
         assert query.partition("=")[0] in _errors(resp)
+
+
+async def test_the_largest_event_the_gateway_accepts_is_stored(
+    client: AsyncTestClient[Any],
+    js: JetStreamContext,
+    settings: ConsumerSettings,
+    pool: asyncpg.Pool,
+) -> None:
+    """At the size limit: the largest accepted event reaches the store; one byte more is a 422."""
+    max_payload = js._nc.max_payload
+
+    def body(size: int) -> bytes:
+        return json.dumps(
+            {
+                "topic": "big",
+                "event_id": "b",
+                "source": "s",
+                "timestamp": "2026-01-01T00:00:00Z",
+                "payload": {"s": "x" * size},
+            }
+        ).encode()
+
+    def accepted(size: int) -> bool:
+        try:
+            prepare(body(size), now=datetime.now(UTC), subject_prefix="ev", max_payload=max_payload)
+        except BodyError:
+            return False
+        return True
+
+    low, high = 0, max_payload
+    while low + 1 < high:
+        middle = (low + high) // 2
+        low, high = (middle, high) if accepted(middle) else (low, middle)
+    over = await client.post("/publish", content=body(high), headers=JSON)
+    assert over.status_code == 422, over.text[:200]
+    assert "broker's limit" in _errors(over)["body"]
+    ok = await client.post("/publish", content=body(low), headers=JSON)
+    assert ok.status_code == 202, ok.text[:200]
+    async with running_consumer(settings, js, pool):
+        await wait_until(lambda: pool.fetchval("SELECT count(*) = 1 FROM events"), within=20)
+    assert await pool.fetchval("SELECT length(payload->>'s') FROM events") == low
