@@ -10,11 +10,11 @@ default:
 
 # run the whole stack (embedded NATS + PostgreSQL, consumer, API) in the foreground, restarting what crashes
 up *args:
-    {{python}} -m oncelog.platform.devstack {{args}}
+    {{python}} -m oncelog.local.up {{args}}
 
 # run the stack on a local three-node NATS cluster with R3 streams (ports 4222-4224)
 up-cluster *args:
-    {{python}} -m oncelog.platform.cluster {{args}}
+    {{python}} -m oncelog.local.cluster {{args}}
 
 # measure the drain rate with 1, 2 and 4 consumer replicas (e.g. `just bench-scaling --events 200000`)
 bench-scaling *args:
@@ -46,7 +46,7 @@ fmt:
 lint:
     uv run --frozen ruff format --check .
     uv run --frozen ruff check .
-    uv run --frozen mypy libs services tests bench
+    uv run --frozen mypy libs services local tests bench
 
 # what CI runs: lint, then the tests
 check: lint test

@@ -28,9 +28,10 @@ import uvicorn
 
 from oncelog.api import queries
 from oncelog.api.app import create_app
-from oncelog.platform import db
-from oncelog.platform.embedded import PostgresServer, free_port
-from oncelog.platform.settings import ApiSettings, load
+from oncelog.api.settings import ApiSettings
+from oncelog.local.embedded import PostgresServer, free_port
+from oncelog.platform.settings import load
+from oncelog.store import schema, stats
 
 # An event of svc3.prod.login that has store-layer duplicates.
 EVENT_ID = "e-500003"
@@ -72,7 +73,7 @@ SELECT topic, 0, count(*), count(*), min(ts), max(ts), max(stored_at) FROM event
 async def fill(url: str, rows: int) -> None:
     conn = await asyncpg.connect(url)
     try:
-        await db.migrate(conn)
+        await schema.migrate(conn)
         started = time.monotonic()
         await conn.execute(FILL, rows)
         await conn.execute(DUPLICATES, rows)
@@ -128,7 +129,7 @@ async def explain(url: str) -> None:
             } | query
             sql, args = queries.events_query(**q)
             cases.append((title, sql, args))
-        cases.append(("GET /stats and GET /topics", queries.STATS_SQL.format(where=""), []))
+        cases.append(("GET /stats and GET /topics", stats.PER_TOPIC_SQL.format(where=""), []))
         cases.append(
             (
                 "GET /events/{topic}/{event_id}",

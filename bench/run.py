@@ -30,8 +30,8 @@ import asyncpg
 import httpx
 import nats
 
-from oncelog.platform import migrate
-from oncelog.platform.embedded import NatsServer, PostgresServer, free_port
+from oncelog import migrate
+from oncelog.local.embedded import NatsServer, PostgresServer, free_port
 from oncelog.platform.settings import CommonSettings, load
 
 TOPICS = 8

@@ -29,8 +29,8 @@ import asyncpg
 import nats
 import nats.js.errors
 
-from oncelog.platform import migrate
-from oncelog.platform.embedded import NatsServer, PostgresServer, free_port
+from oncelog import migrate
+from oncelog.local.embedded import NatsServer, PostgresServer, free_port
 from oncelog.platform.settings import CommonSettings, load
 
 

@@ -19,9 +19,11 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from oncelog.consumer.settings import ConsumerSettings
+from oncelog.local.embedded import NatsServer, PostgresServer
 from oncelog.platform import broker, db
-from oncelog.platform.embedded import NatsServer, PostgresServer
-from oncelog.platform.settings import ConsumerSettings, load
+from oncelog.platform.settings import load
+from oncelog.store import schema
 
 TEMPLATE_DB = "oncelog_template"
 
@@ -54,7 +56,7 @@ async def _make_template(postgres: PostgresServer) -> None:
         await conn.close()
     conn = await asyncpg.connect(postgres.url(TEMPLATE_DB))
     try:
-        await db.migrate(conn)
+        await schema.migrate(conn)
     finally:
         await conn.close()
 

@@ -22,8 +22,8 @@ from litestar.testing import AsyncTestClient
 from nats.js import JetStreamContext
 
 from helpers import assert_invariants, wait_until
+from oncelog.consumer.settings import ConsumerSettings
 from oncelog.events import Decoded, decode_message, msg_id
-from oncelog.platform.settings import ConsumerSettings
 from strategies import HOSTILE_TOPIC, TOKEN, clean_body, event_body
 
 JSON = {"Content-Type": "application/json"}

@@ -15,9 +15,11 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
 from oncelog.api.app import create_app
+from oncelog.api.settings import ApiSettings
 from oncelog.consumer.loop import Consumer
 from oncelog.consumer.metrics import ConsumerMetrics
-from oncelog.platform.settings import ApiSettings, ConsumerSettings
+from oncelog.consumer.settings import ConsumerSettings
+from oncelog.store import stats
 
 
 async def wait_until(
@@ -59,43 +61,26 @@ async def one(conn: asyncpg.Connection | asyncpg.Pool, sql: str, *args: Any) -> 
 
 async def totals(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, int]:
     """Return the summed statistics of every topic."""
-    row = await conn.fetchrow(
-        """SELECT coalesce(sum(received), 0)::bigint AS received,
-                  coalesce(sum(stored), 0)::bigint AS stored,
-                  coalesce(sum(store_duplicates), 0)::bigint AS store_duplicates,
-                  coalesce(sum(broker_duplicates), 0)::bigint AS broker_duplicates,
-                  coalesce(sum(dead_lettered), 0)::bigint AS dead_lettered,
-                  coalesce(sum(redelivered), 0)::bigint AS redelivered,
-                  coalesce(sum(conflicting), 0)::bigint AS conflicting
-           FROM topic_stats"""
-    )
-    assert row is not None
-    return dict(row)
+    total = stats.totals(await stats.per_topic(conn))
+    return {
+        name: getattr(total, name)
+        for name in (
+            "received",
+            "stored",
+            "store_duplicates",
+            "broker_duplicates",
+            "dead_lettered",
+            "redelivered",
+            "conflicting",
+        )
+    }
 
 
 async def assert_invariants(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, int]:
-    """Assert DESIGN.md's statistics invariants, globally and per topic; return the totals."""
-    per_topic = await conn.fetch(
-        """SELECT s.topic, sum(s.received) AS received, sum(s.stored) AS stored,
-                  sum(s.store_duplicates + s.broker_duplicates) AS dups,
-                  sum(s.dead_lettered) AS dead,
-                  (SELECT count(*) FROM events e WHERE e.topic = s.topic) AS rows,
-                  (SELECT count(*) FROM dead_letters d WHERE d.topic = s.topic) AS dead_rows
-           FROM topic_stats s GROUP BY s.topic"""
-    )
-    for row in per_topic:
-        assert row["stored"] == row["rows"], dict(row)
-        assert row["received"] == row["stored"] + row["dups"] + row["dead"], dict(row)
-        assert row["dead"] == row["dead_rows"], dict(row)
-    result = await totals(conn)
-    assert result["stored"] == await conn.fetchval("SELECT count(*) FROM events")
-    assert result["received"] == (
-        result["stored"]
-        + result["store_duplicates"]
-        + result["broker_duplicates"]
-        + result["dead_lettered"]
-    )
-    return result
+    """Assert the statistics invariants (the store's own check), globally and per topic;
+    return the totals."""
+    assert await stats.invariant_violations(conn) == []
+    return await totals(conn)
 
 
 def api_settings(settings: ConsumerSettings, **overrides: Any) -> ApiSettings:

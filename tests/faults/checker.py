@@ -18,6 +18,8 @@ import msgspec
 from litestar.testing import AsyncTestClient
 from nats.js import JetStreamContext
 
+from oncelog.store import stats
+
 __all__ = [
     "RESULTS",
     "Key",
@@ -25,7 +27,6 @@ __all__ = [
     "Verdict",
     "check",
     "drained",
-    "invariant_violations",
     "stored_keys",
     "wait_stored",
 ]
@@ -143,51 +144,6 @@ async def drained(
     return await stored_keys(pool, keys) == len(keys)
 
 
-async def invariant_violations(conn: asyncpg.Pool, stream_messages: int | None) -> list[str]:
-    """Return DESIGN.md's statistics invariants that do not hold, globally and per topic.
-
-    `stream_messages` is how many messages the stream ever took: each is received exactly once,
-    so the counters must add up to it (a double-counted redelivery would exceed it).
-    """
-    found: list[str] = []
-    per_topic = await conn.fetch(
-        """SELECT s.topic, sum(s.received) AS received, sum(s.stored) AS stored,
-                  sum(s.store_duplicates + s.broker_duplicates) AS dups,
-                  sum(s.dead_lettered) AS dead,
-                  (SELECT count(*) FROM events e WHERE e.topic = s.topic) AS rows,
-                  (SELECT count(*) FROM dead_letters d WHERE d.topic = s.topic) AS dead_rows
-           FROM topic_stats s GROUP BY s.topic"""
-    )
-    for r in per_topic:
-        if r["stored"] != r["rows"]:
-            found.append(f"{r['topic']}: stored {r['stored']} != rows {r['rows']}")
-        if r["received"] != r["stored"] + r["dups"] + r["dead"]:
-            found.append(f"{r['topic']}: received {r['received']} != stored + dups + dead")
-        if r["dead"] != r["dead_rows"]:
-            found.append(f"{r['topic']}: dead_lettered {r['dead']} != rows {r['dead_rows']}")
-    total = await conn.fetchrow(
-        """SELECT coalesce(sum(received), 0) AS received, coalesce(sum(stored), 0) AS stored,
-                  coalesce(sum(broker_duplicates), 0) AS broker
-           FROM topic_stats"""
-    )
-    assert total is not None
-    rows = await conn.fetchval("SELECT count(*) FROM events")
-    if total["stored"] != rows:
-        found.append(f"unique_processed {total['stored']} != {rows} rows")
-    # A message logged as a store duplicate must not also be the message that stored the row.
-    both = await conn.fetchval(
-        "SELECT count(*) FROM duplicates d JOIN events e ON e.stream_seq = d.stream_seq"
-    )
-    if both:
-        found.append(f"{both} stream messages counted both as stored and as duplicates")
-    if stream_messages is not None and total["received"] - total["broker"] != stream_messages:
-        found.append(
-            f"received (without broker duplicates) {total['received'] - total['broker']} "
-            f"!= {stream_messages} messages the stream took"
-        )
-    return found
-
-
 async def _api_violations(
     api: AsyncTestClient[Any], pool: asyncpg.Pool, ledger: Ledger
 ) -> list[str]:
@@ -236,16 +192,12 @@ async def check(
     rows = await pool.fetch("SELECT topic, event_id FROM events")
     stored = Counter((r["topic"], r["event_id"]) for r in rows)
     info = await js.stream_info(stream)
-    totals = await pool.fetchrow(
-        """SELECT coalesce(sum(redelivered), 0) AS redelivered,
-                  coalesce(sum(dead_lettered), 0) AS dead FROM topic_stats"""
-    )
-    assert totals is not None
-    violations = await invariant_violations(pool, info.state.last_seq)
+    totals = stats.totals(await stats.per_topic(pool))
+    violations = await stats.invariant_violations(pool, info.state.last_seq)
     if api is not None:
         violations += await _api_violations(api, pool, ledger)
-    if totals["dead"] != dead_letters_expected:
-        violations.append(f"{totals['dead']} dead letters, expected {dead_letters_expected}")
+    if totals.dead_lettered != dead_letters_expected:
+        violations.append(f"{totals.dead_lettered} dead letters, expected {dead_letters_expected}")
     verdict = Verdict(
         fault=fault,
         runs=runs,
@@ -256,9 +208,9 @@ async def check(
         unexpected=sum(1 for key in stored if key not in ledger.attempted),
         violations=violations,
         recovery_seconds=None if recovery_seconds is None else round(recovery_seconds, 2),
-        redelivered=int(totals["redelivered"]),
+        redelivered=totals.redelivered,
         publish_errors=dict(ledger.errors),
-        dead_lettered=int(totals["dead"]),
+        dead_lettered=totals.dead_lettered,
     )
     RESULTS.append(verdict)
     return verdict

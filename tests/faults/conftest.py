@@ -14,8 +14,8 @@ import pytest
 
 from faults.checker import RESULTS, Verdict
 from faults.procs import Fleet
-from oncelog.platform.embedded import NatsServer, PostgresServer, free_port
-from oncelog.platform.settings import ConsumerSettings
+from oncelog.consumer.settings import ConsumerSettings
+from oncelog.local.embedded import NatsServer, PostgresServer, free_port
 
 
 @pytest.fixture

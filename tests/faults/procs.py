@@ -18,8 +18,9 @@ import msgspec
 from litestar.testing import AsyncTestClient
 
 from helpers import wait_until
-from oncelog.platform.embedded import die_with_parent, free_port
-from oncelog.platform.settings import ApiSettings, ConsumerSettings
+from oncelog.api.settings import ApiSettings
+from oncelog.consumer.settings import ConsumerSettings
+from oncelog.local.embedded import die_with_parent, free_port
 
 __all__ = [
     "FAULT_SETTINGS",

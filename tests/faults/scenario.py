@@ -18,8 +18,8 @@ from faults.checker import RESULTS, Ledger, Verdict, check, drained, wait_stored
 from faults.load import Load, connect
 from faults.procs import ConsumerProcess, Fleet, api_client
 from helpers import wait_until
+from oncelog.consumer.settings import ConsumerSettings
 from oncelog.platform import broker
-from oncelog.platform.settings import ConsumerSettings
 
 __all__ = ["Scenario", "kill_in_batch", "strike_in_batch"]
 

@@ -12,7 +12,7 @@ from faults.conftest import NatsCluster
 from faults.procs import Fleet, fault_settings
 from faults.scenario import Scenario
 from helpers import wait_until
-from oncelog.platform.settings import ConsumerSettings
+from oncelog.consumer.settings import ConsumerSettings
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 

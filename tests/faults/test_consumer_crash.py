@@ -9,7 +9,7 @@ import pytest
 
 from faults.procs import Fleet, fault_settings
 from faults.scenario import Scenario, kill_in_batch
-from oncelog.platform.settings import ConsumerSettings
+from oncelog.consumer.settings import ConsumerSettings
 
 pytestmark = pytest.mark.faults
 

@@ -16,8 +16,8 @@ import pytest
 from faults.procs import Fleet, fault_settings
 from faults.scenario import Scenario
 from helpers import wait_until
-from oncelog.platform.embedded import NatsServer
-from oncelog.platform.settings import ConsumerSettings
+from oncelog.consumer.settings import ConsumerSettings
+from oncelog.local.embedded import NatsServer
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from faults.procs import consumer_env
-from oncelog.platform.embedded import NatsServer, free_port, nats_server_binary
-from oncelog.platform.settings import ConsumerSettings
+from oncelog.consumer.settings import ConsumerSettings
+from oncelog.local.embedded import NatsServer, free_port, nats_server_binary
 
 pytestmark = pytest.mark.faults
 

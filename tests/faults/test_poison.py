@@ -12,7 +12,7 @@ import pytest
 from faults.procs import Fleet, fault_settings
 from faults.scenario import Scenario
 from helpers import wait_until
-from oncelog.platform.settings import ConsumerSettings
+from oncelog.consumer.settings import ConsumerSettings
 
 pytestmark = pytest.mark.faults
 

@@ -11,7 +11,7 @@ import pytest
 from faults.procs import ConsumerProcess, Fleet, fault_settings
 from faults.scenario import Scenario, strike_in_batch
 from helpers import wait_until
-from oncelog.platform.settings import ConsumerSettings
+from oncelog.consumer.settings import ConsumerSettings
 
 pytestmark = pytest.mark.faults
 

@@ -10,7 +10,7 @@ from litestar.testing import AsyncTestClient
 from nats.js import JetStreamContext
 
 from helpers import api_client
-from oncelog.platform.settings import ConsumerSettings
+from oncelog.consumer.settings import ConsumerSettings
 
 
 @pytest.fixture

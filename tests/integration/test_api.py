@@ -13,7 +13,7 @@ from litestar.testing import AsyncTestClient
 from nats.js import JetStreamContext
 
 from helpers import api_client, running_consumer, totals, wait_until
-from oncelog.platform.settings import ConsumerSettings
+from oncelog.consumer.settings import ConsumerSettings
 
 
 async def seed(

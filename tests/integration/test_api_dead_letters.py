@@ -12,7 +12,7 @@ from litestar.testing import AsyncTestClient
 from nats.js import JetStreamContext
 
 from helpers import assert_invariants, running_consumer, totals, wait_until
-from oncelog.platform.settings import ConsumerSettings
+from oncelog.consumer.settings import ConsumerSettings
 
 
 async def dead_letter(

@@ -31,8 +31,8 @@ from schemathesis.specs.openapi.checks import (
 
 from helpers import api_settings, running_consumer, wait_until
 from oncelog.api.app import create_app
-from oncelog.platform.embedded import free_port
-from oncelog.platform.settings import ConsumerSettings
+from oncelog.consumer.settings import ConsumerSettings
+from oncelog.local.embedded import free_port
 
 # Examples per operation and generation mode; raise it for a longer hunt (FUZZ_EXAMPLES=500).
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "20"))

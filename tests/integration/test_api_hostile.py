@@ -14,7 +14,7 @@ from nats.js import JetStreamContext
 
 from helpers import assert_invariants, running_consumer, wait_until
 from oncelog.api.ingest import BodyError, prepare
-from oncelog.platform.settings import ConsumerSettings
+from oncelog.consumer.settings import ConsumerSettings
 
 JSON = {"Content-Type": "application/json"}
 

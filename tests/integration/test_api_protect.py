@@ -10,7 +10,7 @@ from nats.js import JetStreamContext
 
 from helpers import api_client
 from oncelog.api.protect import TokenBuckets
-from oncelog.platform.settings import ConsumerSettings
+from oncelog.consumer.settings import ConsumerSettings
 
 EVENT = {"topic": "guarded", "event_id": "1"}
 

@@ -14,7 +14,7 @@ from litestar.testing import AsyncTestClient
 from nats.js import JetStreamContext
 
 from helpers import api_client, assert_invariants, running_consumer, totals, wait_until
-from oncelog.platform.settings import ConsumerSettings
+from oncelog.consumer.settings import ConsumerSettings
 
 
 async def stream_messages(js: JetStreamContext, settings: ConsumerSettings) -> int:

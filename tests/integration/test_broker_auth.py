@@ -14,8 +14,8 @@ from pathlib import Path
 import nats.errors
 import pytest
 
+from oncelog.local.embedded import EmbeddedError, NatsServer
 from oncelog.platform import broker
-from oncelog.platform.embedded import EmbeddedError, NatsServer
 from oncelog.platform.settings import BrokerSettings, load
 
 

@@ -13,8 +13,8 @@ import jsonschema
 import pytest
 import yaml
 
-from oncelog.platform import migrate
-from oncelog.platform.embedded import nats_server_binary
+from oncelog import migrate
+from oncelog.local.embedded import nats_server_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUIRED_VARIABLE = re.compile(r"\$\{([A-Z0-9_]+):\?[^}]*\}")

@@ -18,10 +18,10 @@ import pytest
 from nats.js import JetStreamContext
 
 from helpers import assert_invariants, running_consumer, wait_until
+from oncelog.consumer.settings import ConsumerSettings
 from oncelog.events import msg_id
+from oncelog.local.embedded import NatsServer, die_with_parent, free_port
 from oncelog.platform import broker
-from oncelog.platform.embedded import NatsServer, die_with_parent, free_port
-from oncelog.platform.settings import ConsumerSettings
 
 BEFORE = 20
 HELD = 30

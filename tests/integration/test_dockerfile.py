@@ -103,7 +103,7 @@ def test_no_stage_installs_a_compiler() -> None:
 
 def test_every_service_has_the_console_script_the_image_runs() -> None:
     """Each service declares the `oncelog-<service>` script that the image links as its command."""
-    for service in ("consumer", "api", "publisher"):
+    for service in ("consumer", "api", "publisher", "migrate"):
         pyproject = (ROOT / "services" / service / "pyproject.toml").read_text()
         assert f'oncelog-{service} = "oncelog.{service}.__main__:main"' in pyproject
 
@@ -112,5 +112,5 @@ def test_build_context_is_narrowed() -> None:
     """The Dockerfile's ignore file keeps everything but the workspace sources out of the context."""
     ignore = (ROOT / "deploy" / "Dockerfile.dockerignore").read_text().split()
     assert ignore[ignore.index("**") :][:1] == ["**"]
-    for kept in ("!pyproject.toml", "!uv.lock", "!libs/", "!services/"):
+    for kept in ("!pyproject.toml", "!uv.lock", "!libs/", "!services/", "!local/"):
         assert kept in ignore

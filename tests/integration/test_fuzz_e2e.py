@@ -14,7 +14,7 @@ from nats.js import JetStreamContext
 
 from fuzzing import TALLY, fuzz_round, round_inputs
 from helpers import api_client, running_consumer
-from oncelog.platform.settings import ConsumerSettings
+from oncelog.consumer.settings import ConsumerSettings
 
 # `just test` draws a small, fixed set of rounds (derandomized: the same on every run);
 # `just test-faults` sets ONCELOG_FUZZ_ROUNDS higher and lets Hypothesis pick new ones.

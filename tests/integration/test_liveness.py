@@ -12,9 +12,9 @@ from prometheus_client.metrics import MetricWrapperBase as Metric
 
 from helpers import api_client, assert_invariants, running_consumer, wait_until
 from oncelog.consumer.loop import STUCK_AFTER
-from oncelog.consumer.store import Item, store_batch
+from oncelog.consumer.settings import ConsumerSettings
 from oncelog.events import Decoded, decode_message
-from oncelog.platform.settings import ConsumerSettings
+from oncelog.store.batch import Item, store_batch
 
 
 def _value(metric: Metric) -> float:

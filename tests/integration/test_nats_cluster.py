@@ -8,9 +8,9 @@ from pathlib import Path
 import nats
 import pytest
 
+from oncelog.local.cluster import free_ports, start_cluster, wait_for_quorum
+from oncelog.local.embedded import NatsServer
 from oncelog.platform import broker
-from oncelog.platform.cluster import free_ports, start_cluster, wait_for_quorum
-from oncelog.platform.embedded import NatsServer
 from oncelog.platform.settings import BrokerSettings, load
 
 CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "nats" / "cluster"

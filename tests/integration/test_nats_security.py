@@ -22,8 +22,8 @@ from nats.js.errors import APIError
 
 from helpers import wait_until
 from oncelog.consumer.pull import Puller
+from oncelog.local.embedded import NatsServer
 from oncelog.platform import broker
-from oncelog.platform.embedded import NatsServer
 from oncelog.platform.publish import Outbound, publish_many
 from oncelog.platform.settings import BrokerSettings, load
 from oncelog.platform.wire import Delivered, respond

@@ -19,9 +19,9 @@ import pytest
 from nats.js import JetStreamContext
 
 from helpers import wait_until
+from oncelog.consumer.settings import ConsumerSettings
 from oncelog.events import msg_id
-from oncelog.platform.embedded import PrometheusServer, free_port, prometheus_config
-from oncelog.platform.settings import ConsumerSettings
+from oncelog.local.embedded import PrometheusServer, free_port, prometheus_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

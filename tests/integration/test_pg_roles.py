@@ -12,9 +12,11 @@ import nats
 import pytest
 
 from helpers import wait_until
+from oncelog import migrate
+from oncelog.consumer.settings import ConsumerSettings
 from oncelog.events import msg_id
-from oncelog.platform import broker, db, migrate
-from oncelog.platform.settings import ConsumerSettings
+from oncelog.platform import broker
+from oncelog.store import schema
 
 DENIED = asyncpg.exceptions.InsufficientPrivilegeError  # SQLSTATE 42501
 
@@ -119,10 +121,10 @@ async def test_login_users_carry_the_statement_timeout(logins: dict[str, str]) -
 
 
 async def test_least_privileged_services_see_a_current_schema(logins: dict[str, str]) -> None:
-    """db.migrate as the consumer's role finds the schema current without needing DDL rights."""
+    """The migration as the consumer's role finds the schema current without needing DDL rights."""
     conn = await asyncpg.connect(logins["ingest"])
     try:
-        assert await db.migrate(conn) == []
+        assert await schema.migrate(conn) == []
     finally:
         await conn.close()
 
@@ -142,7 +144,7 @@ async def test_roles_migration_runs_where_the_roles_exist(
         await admin.close()
     conn = await asyncpg.connect(other_database(settings.database_url, f"fresh_{uid}"))
     try:
-        applied = await db.migrate(conn)
+        applied = await schema.migrate(conn)
         assert applied[:2] == ["0001_init.sql", "0002_roles.sql"]
         owner = await conn.fetchval("SELECT tableowner FROM pg_tables WHERE tablename = 'events'")
         assert owner == "oncelog_owner"

@@ -13,10 +13,10 @@ from nats.js import JetStreamContext
 
 from helpers import assert_invariants, one, running_consumer, totals, wait_until
 from oncelog.consumer.loop import to_item
-from oncelog.consumer.store import store_batch
+from oncelog.consumer.settings import ConsumerSettings
 from oncelog.events import msg_id
 from oncelog.platform import broker
-from oncelog.platform.settings import ConsumerSettings
+from oncelog.store.batch import store_batch
 
 
 def body(event_id: str, **fields: object) -> bytes:

@@ -10,9 +10,9 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StreamConfig
 
+from oncelog.consumer.settings import ConsumerSettings
 from oncelog.events import msg_id
 from oncelog.platform.publish import Outbound, PublishError, publish_many
-from oncelog.platform.settings import ConsumerSettings
 
 
 def _outbound(settings: ConsumerSettings, n: int, topic: str = "pub") -> list[Outbound]:

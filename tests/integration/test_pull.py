@@ -15,8 +15,8 @@ from nats.js import JetStreamContext
 from helpers import running_consumer, wait_until
 from oncelog.consumer.loop import Consumer
 from oncelog.consumer.pull import Puller, message_size
+from oncelog.consumer.settings import ConsumerSettings
 from oncelog.events import msg_id
-from oncelog.platform.settings import ConsumerSettings
 from oncelog.platform.wire import Delivered, reply_bytes, respond
 
 MiB = 1024 * 1024

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from oncelog.consumer import store
+from oncelog.store import batch as store
 
 
 def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:

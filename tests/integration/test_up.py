@@ -18,9 +18,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from oncelog.platform.devstack import GIVE_UP_AFTER, RESTART_BASE_SECONDS
-from oncelog.platform.embedded import free_port
-from oncelog.platform.settings import ConsumerSettings
+from oncelog.consumer.settings import ConsumerSettings
+from oncelog.local.embedded import free_port
+from oncelog.local.up import GIVE_UP_AFTER, RESTART_BASE_SECONDS
 
 
 def get_json(url: str) -> tuple[int, Any]:
@@ -69,7 +69,7 @@ class Stack:
     def up(self) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "oncelog.platform.devstack"], env=self.env, stderr=log
+                [sys.executable, "-m", "oncelog.local.up"], env=self.env, stderr=log
             )
         wait_for(lambda: get_json(self.api + "/ready")[0] == 200, 60, "readiness")
 
@@ -304,7 +304,7 @@ def test_up_gives_up_on_a_service_that_crashes_at_every_start(
         "BATCH_SIZE": "0",
     }
     out = subprocess.run(
-        [sys.executable, "-m", "oncelog.platform.devstack"],
+        [sys.executable, "-m", "oncelog.local.up"],
         env=env,
         capture_output=True,
         check=False,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from oncelog.platform.settings import BrokerSettings, ConsumerSettings, SettingsError, load
+from oncelog.consumer.settings import ConsumerSettings
+from oncelog.platform.settings import BrokerSettings, SettingsError, load
 
 
 def test_defaults_match_the_contract() -> None:

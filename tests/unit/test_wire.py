@@ -7,7 +7,8 @@ import random
 import pytest
 from nats.aio.client import Client
 
-from oncelog.platform.wire import FastParser, Sink, install, parse_headers
+from oncelog.events import parse_headers
+from oncelog.platform.wire import FastParser, Sink, install
 
 Frame = tuple[bytes, bytes, bytes | None, bytes]
 

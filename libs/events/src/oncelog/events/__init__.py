@@ -10,6 +10,7 @@ from oncelog.events.codec import (
     encode_event,
     from_ns,
 )
+from oncelog.events.headers import parse_headers
 from oncelog.events.schema import Event, EventId, IncomingEvent, Source, Topic
 from oncelog.events.subjects import (
     DEFAULT_PREFIX,
@@ -55,6 +56,7 @@ __all__ = [
     "event_problems",
     "from_ns",
     "msg_id",
+    "parse_headers",
     "parse_msg_id",
     "pattern_error",
     "payload_problem",

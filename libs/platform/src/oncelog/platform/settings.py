@@ -1,4 +1,7 @@
-"""Typed settings read once from the environment and passed down explicitly."""
+"""Typed settings read once from the environment and passed down explicitly.
+
+What every service shares lives here; each service declares its own settings on top.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +12,11 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 
 __all__ = [
-    "ApiSettings",
     "BrokerSettings",
     "CommonSettings",
-    "ConsumerSettings",
-    "PublisherSettings",
+    "Port",
+    "Positive",
+    "PositiveFloat",
     "SettingsError",
     "load",
 ]
@@ -66,54 +69,6 @@ class CommonSettings(BrokerSettings, frozen=True, kw_only=True):
     db_pool_min: Positive = 1
     db_pool_max: Positive = 4
     statement_timeout_ms: Positive = 30_000
-
-
-class ConsumerSettings(CommonSettings, frozen=True, kw_only=True):
-    """Settings of one consumer replica."""
-
-    batch_size: Positive = 4000
-    # Transactions in flight at once per replica; each commits a batch while others fill.
-    commit_workers: Annotated[int, msgspec.Meta(ge=1, le=16)] = 2
-    # Bytes of messages one replica has requested, buffered or committing at once; raised to
-    # what one message of the server's max_payload needs if set lower.
-    max_inflight_bytes: Positive = 64 * 1024 * 1024
-    # Lifetime of one pull request; the consumer re-issues them continuously.
-    fetch_timeout_seconds: PositiveFloat = 2.0
-    metrics_port: Port = 9464
-    metrics_host: str = "127.0.0.1"
-    # Topics beyond this many share the metric label value "_other".
-    topic_label_cap: Positive = 50
-    consumer_id: str = ""
-    retry_max_seconds: PositiveFloat = 30.0
-    max_event_bytes: Positive = 1024 * 1024
-    log_level: str = "INFO"
-    # Refusing fsync=off protects acknowledged events; only a throwaway setup may opt out.
-    allow_unsafe_postgres: bool = False
-
-
-class PublisherSettings(CommonSettings, frozen=True, kw_only=True):
-    """Settings of the publisher service (the CLI takes the rest as flags)."""
-
-    log_level: str = "INFO"
-    record_broker_duplicates: bool = True
-
-
-class ApiSettings(CommonSettings, frozen=True, kw_only=True):
-    """Settings of the HTTP API."""
-
-    api_host: str = "127.0.0.1"
-    api_port: Port = 8080
-    max_body_bytes: Positive = 1024 * 1024
-    publish_timeout_seconds: PositiveFloat = 5.0
-    # Publishes one request keeps in flight at once; more would only queue inside the client.
-    publish_inflight: Positive = 256
-    # Comma-separated keys accepted in X-API-Key; when a list is empty its routes are open.
-    api_keys_publish: str = ""
-    api_keys_read: str = ""
-    # Token bucket per API key (or client address when there is none); 0 turns it off.
-    rate_limit_per_second: Annotated[float, msgspec.Meta(ge=0)] = 100.0
-    rate_limit_burst: Positive = 200
-    log_level: str = "INFO"
 
 
 S = TypeVar("S", bound=msgspec.Struct)

@@ -23,6 +23,8 @@ from nats.protocol.parser import (
     Parser,
 )
 
+from oncelog.events import parse_headers
+
 __all__ = [
     "Delivered",
     "Delivery",
@@ -31,7 +33,6 @@ __all__ = [
     "can_write",
     "has_write_hooks",
     "install",
-    "parse_headers",
     "reply_bytes",
     "respond",
     "write",
@@ -77,23 +78,6 @@ class Delivery:
     @property
     def headers(self) -> dict[str, str] | None:
         return parse_headers(self.raw_headers) if self.raw_headers else None
-
-
-def parse_headers(raw: bytes) -> dict[str, str]:
-    """Parse a `NATS/1.0` header block; a repeated name keeps its first value."""
-    lines = raw.decode(errors="replace").split("\r\n")
-    headers: dict[str, str] = {}
-    status = lines[0][len("NATS/1.0") :].strip()
-    if status:
-        code, _, description = status.partition(" ")
-        headers["Status"] = code
-        if description:
-            headers["Description"] = description
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if sep and name.strip():
-            headers.setdefault(name.strip(), value.strip())
-    return headers
 
 
 class FastParser(Parser):

@@ -7,8 +7,9 @@ import sys
 import uvicorn
 
 from oncelog.api.app import create_app
+from oncelog.api.settings import ApiSettings
 from oncelog.platform import log
-from oncelog.platform.settings import ApiSettings, SettingsError, load
+from oncelog.platform.settings import SettingsError, load
 
 
 def main() -> None:

@@ -19,9 +19,9 @@ from oncelog.api import gateway, operations, routes
 from oncelog.api.errors import exception_handlers
 from oncelog.api.metrics import ApiMetrics, MetricsMiddleware, count_unmatched
 from oncelog.api.protect import Protection
+from oncelog.api.settings import ApiSettings
 from oncelog.platform import broker
-from oncelog.platform.settings import ApiSettings
-from oncelog.platform.stats import shard_for
+from oncelog.store.stats import shard_for
 
 __all__ = ["create_app"]
 

@@ -35,7 +35,7 @@ from oncelog.events import (
     topic_error,
 )
 from oncelog.platform.publish import Outbound, PublishError, publish_many
-from oncelog.platform.stats import add_broker_duplicates
+from oncelog.store.stats import add_broker_duplicates
 
 __all__ = ["publish", "replay"]
 

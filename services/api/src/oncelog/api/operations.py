@@ -23,7 +23,7 @@ from oncelog.api.schemas import (
     Readiness,
     StreamState,
 )
-from oncelog.platform.health import stuck as stuck_consumers
+from oncelog.store.health import stuck as stuck_consumers
 
 __all__ = ["health", "metrics", "queue_stats", "ready"]
 

@@ -12,7 +12,7 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, TooManyRequestsException
 from litestar.handlers.base import BaseRouteHandler
 
-from oncelog.platform.settings import ApiSettings
+from oncelog.api.settings import ApiSettings
 
 __all__ = ["API_KEY_HEADER", "Protection", "TokenBuckets", "guard_publish", "guard_read"]
 

@@ -9,11 +9,11 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from oncelog.platform.db import Conn
+from oncelog.store import stats
+from oncelog.store.schema import Conn
 
 __all__ = [
     "EVENT_SQL",
-    "STATS_SQL",
     "Cursor",
     "CursorError",
     "DeadCursor",
@@ -140,31 +140,12 @@ async def fetch_events(conn: Conn, **query: Any) -> list[Any]:
     return await conn.fetch(sql, *args)
 
 
-STATS_SQL = """
-SELECT topic,
-       sum(received)::bigint AS received,
-       sum(stored)::bigint AS stored,
-       sum(store_duplicates)::bigint AS store_duplicates,
-       sum(broker_duplicates)::bigint AS broker_duplicates,
-       sum(dead_lettered)::bigint AS dead_lettered,
-       sum(redelivered)::bigint AS redelivered,
-       sum(conflicting)::bigint AS conflicting,
-       min(first_ts) AS first_ts,
-       max(last_ts) AS last_ts,
-       max(last_stored_at) AS last_stored_at
-FROM topic_stats
-{where}
-GROUP BY topic
-ORDER BY topic
-"""
-
-
-async def fetch_stats(conn: Conn, topic: str | None = None) -> list[Any]:
-    """Return per-topic statistics: one row per topic, whatever the number of stored events."""
+async def fetch_stats(conn: Conn, topic: str | None = None) -> dict[str, stats.Counts]:
+    """Return per-topic statistics (those matching `topic`), whatever the number of events."""
     if topic is None:
-        return await conn.fetch(STATS_SQL.format(where=""))
+        return await stats.per_topic(conn)
     condition, params = topic_filter(topic, 1)
-    return await conn.fetch(STATS_SQL.format(where="WHERE " + condition), *params)
+    return await stats.per_topic(conn, condition, tuple(params))
 
 
 EVENT_SQL = """

@@ -27,6 +27,7 @@ from oncelog.api.schemas import (
     TopicStats,
 )
 from oncelog.events import Event, pattern_error, to_utc
+from oncelog.store.stats import Counts, totals
 
 __all__ = ["dead_letters", "event", "events", "stats", "topics"]
 
@@ -188,31 +189,20 @@ async def event(
     )
 
 
-def _topic_stats(r: Any) -> dict[str, Any]:
+def _counts(c: Counts) -> dict[str, Any]:
     return {
-        "received": r["received"],
-        "unique_processed": r["stored"],
-        "duplicate_dropped": r["store_duplicates"] + r["broker_duplicates"],
+        "received": c.received,
+        "unique_processed": c.stored,
+        "duplicate_dropped": c.duplicates,
         "duplicates_by_layer": DuplicatesByLayer(
-            broker=r["broker_duplicates"], store=r["store_duplicates"]
+            broker=c.broker_duplicates, store=c.store_duplicates
         ),
-        "dead_lettered": r["dead_lettered"],
-        "redelivered": r["redelivered"],
-        "conflicting_duplicates": r["conflicting"],
-        "first_timestamp": r["first_ts"],
-        "last_timestamp": r["last_ts"],
+        "dead_lettered": c.dead_lettered,
+        "redelivered": c.redelivered,
+        "conflicting_duplicates": c.conflicting,
+        "first_timestamp": c.first_ts,
+        "last_timestamp": c.last_ts,
     }
-
-
-_TOTALS = (
-    "received",
-    "stored",
-    "store_duplicates",
-    "broker_duplicates",
-    "dead_lettered",
-    "redelivered",
-    "conflicting",
-)
 
 
 @get(
@@ -225,31 +215,26 @@ _TOTALS = (
 async def stats(state: State) -> Stats:
     """Return counters summed over topics; cost grows with topics, never with stored events."""
     async with state.pool.acquire() as conn:
-        rows = await queries.fetch_stats(conn)
-    per_topic: dict[str, TopicStats] = {}
-    total = dict.fromkeys(_TOTALS, 0)
-    for r in rows:
-        for key in total:
-            total[key] += r[key]
-        per_topic[r["topic"]] = TopicStats(**_topic_stats(r))
-    dropped = total["store_duplicates"] + total["broker_duplicates"]
-    names = [t for t, s in per_topic.items() if s.unique_processed > 0]
+        by_topic = await queries.fetch_stats(conn)
+    total = totals(by_topic)
+    per_topic = {name: TopicStats(**_counts(c)) for name, c in by_topic.items()}
+    names = [name for name, c in by_topic.items() if c.stored > 0]
     return Stats(
-        received=total["received"],
-        unique_processed=total["stored"],
-        duplicate_dropped=dropped,
-        dedup_rate_percent=round(100.0 * dropped / total["received"], 2)
-        if total["received"]
+        received=total.received,
+        unique_processed=total.stored,
+        duplicate_dropped=total.duplicates,
+        dedup_rate_percent=round(100.0 * total.duplicates / total.received, 2)
+        if total.received
         else 0.0,
         topics=names,
         topic_count=len(names),
         uptime_seconds=round(time.monotonic() - state.started, 3),
         duplicates_by_layer=DuplicatesByLayer(
-            broker=total["broker_duplicates"], store=total["store_duplicates"]
+            broker=total.broker_duplicates, store=total.store_duplicates
         ),
-        dead_lettered=total["dead_lettered"],
-        redelivered=total["redelivered"],
-        conflicting_duplicates=total["conflicting"],
+        dead_lettered=total.dead_lettered,
+        redelivered=total.redelivered,
+        conflicting_duplicates=total.conflicting,
         per_topic=per_topic,
     )
 
@@ -265,10 +250,10 @@ async def topics(state: State, topic: TopicQuery = None) -> list[TopicInfo]:
     """Return every topic seen (or those matching `topic`), in name order."""
     pattern = _topic_query(topic)
     async with state.pool.acquire() as conn:
-        rows = await queries.fetch_stats(conn, pattern)
+        by_topic = await queries.fetch_stats(conn, pattern)
     return [
-        TopicInfo(topic=r["topic"], last_stored_at=r["last_stored_at"], **_topic_stats(r))
-        for r in rows
+        TopicInfo(topic=name, last_stored_at=c.last_stored_at, **_counts(c))
+        for name, c in by_topic.items()
     ]
 
 

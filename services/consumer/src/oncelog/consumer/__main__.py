@@ -16,9 +16,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from oncelog.consumer.loop import Consumer
 from oncelog.consumer.metrics import ConsumerMetrics
-from oncelog.platform import broker, db, log, stats
-from oncelog.platform.settings import ConsumerSettings, SettingsError, load
+from oncelog.consumer.settings import ConsumerSettings
+from oncelog.platform import broker, db, log
+from oncelog.platform.settings import SettingsError, load
 from oncelog.platform.shutdown import shutdown_event
+from oncelog.store import schema, stats
 
 _log = logging.getLogger("oncelog.consumer")
 
@@ -101,8 +103,8 @@ async def serve(settings: ConsumerSettings) -> None:
     pool = await db.create_pool(settings, f"oncelog-consumer {consumer_id}")
     try:
         async with pool.acquire() as conn:
-            await db.check_durable(conn, allow_unsafe=settings.allow_unsafe_postgres)
-            await db.migrate(conn)
+            await schema.check_durable(conn, allow_unsafe=settings.allow_unsafe_postgres)
+            await schema.migrate(conn)
         nc = await broker.connect(settings, f"oncelog-consumer {consumer_id}")
         try:
             js = nc.jetstream()
@@ -151,7 +153,7 @@ def main() -> None:
     log.setup(settings.log_level, "consumer")
     try:
         asyncio.run(serve(settings))
-    except db.UnsafePostgresError as exc:
+    except schema.UnsafePostgresError as exc:
         sys.exit(str(exc))
 
 

@@ -18,19 +18,19 @@ from nats.aio.client import Client
 
 from oncelog.consumer.metrics import ConsumerMetrics
 from oncelog.consumer.pull import Puller, message_size
-from oncelog.consumer.store import Item, Outcome, store_batch
+from oncelog.consumer.settings import ConsumerSettings
 from oncelog.events import Decoded, decode_message
-from oncelog.platform import health
-from oncelog.platform.settings import ConsumerSettings
-from oncelog.platform.stats import STATS_SHARDS
 from oncelog.platform.wire import Delivered, Delivery, reply_bytes, respond
+from oncelog.store import health
+from oncelog.store.batch import Item, Outcome, store_batch
+from oncelog.store.stats import STATS_SHARDS
 
 __all__ = ["STUCK_AFTER", "Consumer"]
 
 # A batch whose commit failed this many times in a row counts as stuck: the metric and the
 # API's /ready show it, while the batch keeps being retried.
 STUCK_AFTER = 3
-# How often a replica refreshes its row in consumer_health (see oncelog.platform.health).
+# How often a replica refreshes its row in consumer_health (see oncelog.store.health).
 HEALTH_INTERVAL_SECONDS = 5.0
 
 _log = logging.getLogger("oncelog.consumer")

@@ -10,10 +10,12 @@ import sys
 import msgspec
 from prometheus_client import CollectorRegistry, start_http_server
 
-from oncelog.platform import broker, db, log, stats
-from oncelog.platform.settings import PublisherSettings, SettingsError, load
+from oncelog.platform import broker, db, log
+from oncelog.platform.settings import SettingsError, load
 from oncelog.publisher.emit import Emitter, PublisherMetrics, Summary
 from oncelog.publisher.generate import plan, topics_from
+from oncelog.publisher.settings import PublisherSettings
+from oncelog.store import stats
 
 _log = logging.getLogger("oncelog.publisher")
 

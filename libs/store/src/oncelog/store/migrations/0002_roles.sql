@@ -1,5 +1,5 @@
 -- Least privilege. Three group roles (NOLOGIN); deployments create login users that are
--- members of one of them (`python -m oncelog.platform.migrate --login ...` does it):
+-- members of one of them (`python -m oncelog.migrate --login ...` does it):
 --   oncelog_owner   owns every object; only migrations act as it.
 --   oncelog_ingest  the consumer: reads and appends events, duplicates and dead letters, and
 --                   upserts its statistics shard rows. It cannot UPDATE or DELETE stored rows,

@@ -17,8 +17,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from oncelog.platform import devstack, log
-from oncelog.platform.embedded import EmbeddedError, NatsServer, free_port
+from oncelog.local import up as devstack
+from oncelog.local.embedded import EmbeddedError, NatsServer, free_port
+from oncelog.platform import log
 
 __all__ = ["NodePorts", "default_ports", "main", "start_cluster", "wait_for_quorum"]
 

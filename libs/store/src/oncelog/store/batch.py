@@ -9,9 +9,8 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from oncelog.events import Decoded, Rejected, from_ns
-from oncelog.platform.db import Conn
-from oncelog.platform.wire import parse_headers
+from oncelog.events import Decoded, Rejected, from_ns, parse_headers
+from oncelog.store.schema import Conn
 
 __all__ = ["DEAD_RAW_LIMIT", "Item", "Outcome", "UnstorableError", "is_data_error", "store_batch"]
 

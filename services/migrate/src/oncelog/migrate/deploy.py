@@ -1,6 +1,6 @@
 """The deployment one-shot: migrate PostgreSQL, create login users, provision JetStream.
 
-    python -m oncelog.platform.migrate [--provision] [--login NAME:GROUP:PASSWORD_VARIABLE ...]
+    python -m oncelog.migrate [--provision] [--login NAME:GROUP:PASSWORD_VARIABLE ...]
 
 DATABASE_URL must name a superuser (or a role with CREATEROLE that is a member of
 oncelog_owner). Each `--login` creates or updates a login user in one of the group roles that
@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from oncelog.platform import broker, db, log
+from oncelog.platform import broker, log
 from oncelog.platform.settings import CommonSettings, SettingsError, load
+from oncelog.store import schema
 
 __all__ = ["GROUPS", "Login", "create_logins", "main", "parse_login", "run"]
 
@@ -55,7 +56,9 @@ def parse_login(spec: str, environ: Mapping[str, str]) -> Login:
     return Login(name, group, password)
 
 
-async def create_logins(conn: db.Conn, logins: Sequence[Login], statement_timeout_ms: int) -> None:
+async def create_logins(
+    conn: schema.Conn, logins: Sequence[Login], statement_timeout_ms: int
+) -> None:
     """Create each login user, or update its password, and make it a member of its group."""
     for login in logins:
         exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", login.name)
@@ -76,7 +79,7 @@ async def run(settings: CommonSettings, logins: Sequence[Login], provision: bool
     """Migrate, create the logins and optionally provision JetStream; return applied migrations."""
     conn = await asyncpg.connect(settings.database_url)
     try:
-        applied = await db.migrate(conn)
+        applied = await schema.migrate(conn)
         await create_logins(conn, logins, settings.statement_timeout_ms)
     finally:
         await conn.close()
@@ -93,9 +96,9 @@ async def run(settings: CommonSettings, logins: Sequence[Login], provision: bool
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of `python -m oncelog.platform.migrate`."""
+    """Entry point of `python -m oncelog.migrate`."""
     parser = argparse.ArgumentParser(
-        prog="python -m oncelog.platform.migrate", description=__doc__.splitlines()[0]
+        prog="python -m oncelog.migrate", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--provision", action="store_true", help="also provision JetStream")
     parser.add_argument(
@@ -114,7 +117,3 @@ def main(argv: list[str] | None = None) -> None:
     log.setup(os.environ.get("LOG_LEVEL", "INFO"), "migrate")
     applied = asyncio.run(run(settings, logins, args.provision))
     _log.info("schema is current", extra={"applied": applied})
-
-
-if __name__ == "__main__":
-    main()

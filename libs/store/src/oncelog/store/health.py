@@ -6,7 +6,7 @@ from datetime import datetime
 
 import msgspec
 
-from oncelog.platform.db import Conn
+from oncelog.store.schema import Conn
 
 __all__ = ["FRESH_SECONDS", "Stuck", "report", "stuck"]
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import asyncpg
 
-from oncelog.platform import log, migrate
-from oncelog.platform.embedded import (
+from oncelog import migrate
+from oncelog.local.embedded import (
     EmbeddedError,
     NatsServer,
     PostgresServer,
@@ -35,6 +35,7 @@ from oncelog.platform.embedded import (
     die_with_parent,
     prometheus_config,
 )
+from oncelog.platform import log
 from oncelog.platform.settings import CommonSettings, load
 
 __all__ = [

@@ -1,0 +1,175 @@
+"""The statistics: every read and write of topic_stats outside a batch, and the invariants.
+
+Counters are spread over STATS_SHARDS rows per topic (see the migrations) so that writers do
+not queue on one hot row; every reader here sums the shards. The batch store
+(`oncelog.store.batch`) writes its shard rows in the transaction of the rows they count.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from oncelog.store.schema import Conn, Queryable
+
+__all__ = [
+    "PER_TOPIC_SQL",
+    "STATS_SHARDS",
+    "Counts",
+    "add_broker_duplicates",
+    "invariant_violations",
+    "per_topic",
+    "shard_for",
+    "totals",
+]
+
+# Writers spread each topic's counters over this many rows (see topic_stats), so replicas
+# and gateways do not queue on one hot row; readers sum the shards.
+STATS_SHARDS = 32
+
+_ADD_BROKER_DUPLICATES = """
+INSERT INTO topic_stats AS s (topic, shard, received, broker_duplicates)
+SELECT topic, $1, n, n FROM unnest($2::text[], $3::bigint[]) AS t(topic, n)
+ORDER BY topic
+ON CONFLICT (topic, shard) DO UPDATE SET
+    received = s.received + excluded.received,
+    broker_duplicates = s.broker_duplicates + excluded.broker_duplicates
+"""
+
+
+def shard_for(identity: str = "") -> int:
+    """Return the stats shard of a writer named `identity` (default: this process)."""
+    return zlib.crc32((identity or f"{os.uname().nodename}-{os.getpid()}").encode()) % STATS_SHARDS
+
+
+async def add_broker_duplicates(conn: Conn, counts: Mapping[str, int], shard: int) -> None:
+    """Count messages the broker dropped as duplicates (PubAck duplicate=true) per topic."""
+    topics = sorted(t for t, n in counts.items() if n)
+    if topics:
+        await conn.execute(_ADD_BROKER_DUPLICATES, shard, topics, [counts[t] for t in topics])
+
+
+PER_TOPIC_SQL = """
+SELECT topic,
+       sum(received)::bigint AS received,
+       sum(stored)::bigint AS stored,
+       sum(store_duplicates)::bigint AS store_duplicates,
+       sum(broker_duplicates)::bigint AS broker_duplicates,
+       sum(dead_lettered)::bigint AS dead_lettered,
+       sum(redelivered)::bigint AS redelivered,
+       sum(conflicting)::bigint AS conflicting,
+       min(first_ts) AS first_ts,
+       max(last_ts) AS last_ts,
+       max(last_stored_at) AS last_stored_at
+FROM topic_stats
+{where}
+GROUP BY topic
+ORDER BY topic
+"""
+
+
+class Counts(msgspec.Struct, kw_only=True):
+    """The counters of one topic, or of all topics summed."""
+
+    received: int = 0
+    stored: int = 0
+    store_duplicates: int = 0
+    broker_duplicates: int = 0
+    dead_lettered: int = 0
+    redelivered: int = 0
+    conflicting: int = 0
+    first_ts: datetime | None = None
+    last_ts: datetime | None = None
+    last_stored_at: datetime | None = None
+
+    @property
+    def duplicates(self) -> int:
+        """Duplicates dropped by either layer."""
+        return self.store_duplicates + self.broker_duplicates
+
+
+_SUMMED = (
+    "received",
+    "stored",
+    "store_duplicates",
+    "broker_duplicates",
+    "dead_lettered",
+    "redelivered",
+    "conflicting",
+)
+
+
+async def per_topic(
+    conn: Queryable, condition: str = "", params: tuple[Any, ...] = ()
+) -> dict[str, Counts]:
+    """Return each topic's counters, summed over its shards; `condition` filters topics.
+
+    `condition` is SQL over the `topic` column with `$1...` placeholders for `params` (the
+    API's topic filter); it is built from fixed text only, never from user input.
+    """
+    where = f"WHERE {condition}" if condition else ""
+    rows = await conn.fetch(PER_TOPIC_SQL.format(where=where), *params)
+    return {r["topic"]: Counts(**{k: v for k, v in dict(r).items() if k != "topic"}) for r in rows}
+
+
+def totals(topics: Mapping[str, Counts]) -> Counts:
+    """Return the counters of all `topics` summed."""
+    total = Counts()
+    for counts in topics.values():
+        for name in _SUMMED:
+            setattr(total, name, getattr(total, name) + getattr(counts, name))
+    return total
+
+
+_INVARIANTS = """
+SELECT s.topic, s.received, s.stored, s.dups, s.dead,
+       (SELECT count(*) FROM events e WHERE e.topic = s.topic) AS rows,
+       (SELECT count(*) FROM dead_letters d WHERE d.topic = s.topic) AS dead_rows
+FROM (SELECT topic, sum(received) AS received, sum(stored) AS stored,
+             sum(store_duplicates + broker_duplicates) AS dups, sum(dead_lettered) AS dead
+      FROM topic_stats GROUP BY topic) s
+"""
+
+
+async def invariant_violations(conn: Queryable, stream_messages: int | None = None) -> list[str]:
+    """Return the statistics invariants that do not hold, globally and per topic (none: []).
+
+    Per topic and globally: `stored` == rows, `received` == `stored` + duplicates +
+    `dead_lettered`, `dead_lettered` == dead letter rows; no stream message counted both as
+    stored and as a duplicate. With `stream_messages` (how many messages the stream ever
+    took), `received` less broker duplicates must equal it: a redelivery counted twice would
+    exceed it, a message never counted fall short.
+    """
+    found: list[str] = []
+    for r in await conn.fetch(_INVARIANTS):
+        if r["stored"] != r["rows"]:
+            found.append(f"{r['topic']}: stored {r['stored']} != rows {r['rows']}")
+        if r["received"] != r["stored"] + r["dups"] + r["dead"]:
+            found.append(f"{r['topic']}: received {r['received']} != stored + dups + dead")
+        if r["dead"] != r["dead_rows"]:
+            found.append(f"{r['topic']}: dead_lettered {r['dead']} != rows {r['dead_rows']}")
+    total = totals(await per_topic(conn))
+    rows = await conn.fetchval("SELECT count(*) FROM events")
+    if total.stored != rows:
+        found.append(f"unique_processed {total.stored} != {rows} rows")
+    dead_rows = await conn.fetchval("SELECT count(*) FROM dead_letters")
+    if total.dead_lettered != dead_rows:
+        found.append(f"dead_lettered {total.dead_lettered} != {dead_rows} dead letter rows")
+    if total.received != total.stored + total.duplicates + total.dead_lettered:
+        found.append(f"received {total.received} != stored + duplicates + dead_lettered")
+    both = await conn.fetchval(
+        "SELECT count(*) FROM duplicates d JOIN events e ON e.stream_seq = d.stream_seq"
+    )
+    if both:
+        found.append(f"{both} stream messages counted both as stored and as duplicates")
+    if stream_messages is not None and total.received - total.broker_duplicates != stream_messages:
+        found.append(
+            f"received (without broker duplicates) {total.received - total.broker_duplicates} "
+            f"!= {stream_messages} messages the stream took"
+        )
+    return found

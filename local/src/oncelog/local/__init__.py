@@ -1,0 +1,1 @@
+"""Runs oncelog on one machine: embedded servers, the `just up` supervisor, a local cluster."""

@@ -1,0 +1,29 @@
+"""The HTTP API's settings, read once from the environment (see oncelog.platform.settings)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from oncelog.platform.settings import CommonSettings, Port, Positive, PositiveFloat
+
+__all__ = ["ApiSettings"]
+
+
+class ApiSettings(CommonSettings, frozen=True, kw_only=True):
+    """Settings of the HTTP API."""
+
+    api_host: str = "127.0.0.1"
+    api_port: Port = 8080
+    max_body_bytes: Positive = 1024 * 1024
+    publish_timeout_seconds: PositiveFloat = 5.0
+    # Publishes one request keeps in flight at once; more would only queue inside the client.
+    publish_inflight: Positive = 256
+    # Comma-separated keys accepted in X-API-Key; when a list is empty its routes are open.
+    api_keys_publish: str = ""
+    api_keys_read: str = ""
+    # Token bucket per API key (or client address when there is none); 0 turns it off.
+    rate_limit_per_second: Annotated[float, msgspec.Meta(ge=0)] = 100.0
+    rate_limit_burst: Positive = 200
+    log_level: str = "INFO"
