@@ -1,4 +1,4 @@
-"""compose.yaml is valid Compose, pinned, self-consistent and wired for least privilege."""
+"""compose.yaml read as a file: schema, pins, references, start order, credentials. These checks do not run the deployment."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from oncelog.events import (
     REJECTION_CODES,
     Decoded,
     Rejected,
+    dead_letter_topic,
     decode_message,
     from_ns,
     msg_id,
@@ -119,3 +120,20 @@ def test_decoder_rejects_oversize_messages() -> None:
     result = decode_message("events.t", b'{"event_id": "1"}', NOW, max_bytes=10)
     assert isinstance(result, Rejected)
     assert "limit is 10" in result.reason
+
+
+@pytest.mark.parametrize(
+    ("subject", "topic"),
+    [
+        ("events.auth.prod", "auth.prod"),
+        ("ev1.a", "a"),
+        ("lonely", "lonely"),
+        ("events." + "x" * 300, "x" * 255),
+        ("events.\udcff", "\udcff"),
+    ],
+)
+def test_a_dead_letter_counts_against_the_subject_after_its_prefix(
+    subject: str, topic: str
+) -> None:
+    """A message that is no event counts against its subject less the prefix, cut to 255."""
+    assert dead_letter_topic(subject) == topic

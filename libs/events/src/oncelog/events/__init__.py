@@ -15,6 +15,7 @@ from oncelog.events.schema import Event, EventId, IncomingEvent, Source, Topic
 from oncelog.events.subjects import (
     DEFAULT_PREFIX,
     MAX_TOKEN_LEN,
+    dead_letter_topic,
     msg_id,
     parse_msg_id,
     pattern_error,
@@ -49,6 +50,7 @@ __all__ = [
     "Rejected",
     "Source",
     "Topic",
+    "dead_letter_topic",
     "decode_event",
     "decode_message",
     "decode_problem",

@@ -9,6 +9,7 @@ __all__ = [
     "DEFAULT_PREFIX",
     "MAX_TOKEN_LEN",
     "TOPIC_PATTERN",
+    "dead_letter_topic",
     "msg_id",
     "parse_msg_id",
     "pattern_error",
@@ -64,6 +65,16 @@ def topic_from_subject(subject: str, prefix: str = DEFAULT_PREFIX) -> str | None
     if not subject.startswith(head) or len(subject) == len(head):
         return None
     return subject[len(head) :]
+
+
+def dead_letter_topic(subject: str) -> str:
+    """Return the topic a message that is no event counts against: its subject after the first
+    token (the prefix), cut to MAX_TOKEN_LEN; the whole subject when it has a single token.
+
+    It need not be a valid topic: a dead letter's subject may hold any bytes.
+    """
+    _, _, rest = subject.partition(".")
+    return (rest or subject)[:MAX_TOKEN_LEN]
 
 
 def msg_id(topic: str, event_id: str) -> str:

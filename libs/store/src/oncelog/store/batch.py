@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from oncelog.events import Decoded, Rejected, from_ns, parse_headers
+from oncelog.events import Decoded, Rejected, dead_letter_topic, from_ns, parse_headers
 from oncelog.store.schema import Conn
 
 __all__ = ["DEAD_RAW_LIMIT", "Item", "Outcome", "UnstorableError", "is_data_error", "store_batch"]
@@ -164,10 +164,8 @@ class _Counts:
 def _topic_key(item: Item) -> str:
     if isinstance(item.result, Decoded):
         return item.result.topic
-    # A dead letter counts against the topic its subject names, cut to the topic length limit
-    # and made storable, since a subject may hold any bytes.
-    _, _, rest = item.subject.partition(".")
-    return _storable((rest or item.subject)[:255])
+    # Made storable, since a subject may hold any bytes.
+    return _storable(dead_letter_topic(item.subject))
 
 
 def is_data_error(exc: BaseException) -> bool:
