@@ -195,7 +195,7 @@ def postmaster_pid(data: Path) -> int | None:
 def restart_lines(stack: Stack) -> list[dict[str, Any]]:
     """Return the supervisor's restart lines logged so far."""
     lines = [json.loads(x) for x in stack.log.read_text().splitlines() if x.startswith("{")]
-    return [x for x in lines if x["logger"] == "oncelog.devstack" and "restart_in_seconds" in x]
+    return [x for x in lines if x["logger"] == "oncelog.up" and "restart_in_seconds" in x]
 
 
 def stored_rows(stack: Stack) -> tuple[int, int]:

@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from oncelog.local import up as devstack
+from oncelog.local import up
 from oncelog.local.embedded import EmbeddedError, NatsServer, free_port
 from oncelog.platform import log
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         # The services connect to the first node and learn the others from the cluster.
         os.environ["NATS_URL"] = nodes[0].url
         os.environ.setdefault("STREAM_REPLICAS", str(NODES))
-        devstack.main(argv)
+        up.main(argv)
     finally:
         for node in reversed(nodes):
             node.stop()

@@ -48,7 +48,7 @@ __all__ = [
     "supervise",
 ]
 
-_log = logging.getLogger("oncelog.devstack")
+_log = logging.getLogger("oncelog.up")
 DATABASE = "oncelog"
 
 # The first restart waits about RESTART_BASE_SECONDS, each further one twice as long up to
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         help="also run Prometheus (the system's `prometheus` binary) scraping the stack",
     )
     args = parser.parse_args(argv)
-    log.setup(os.environ.get("LOG_LEVEL", "INFO"), "devstack")
+    log.setup(os.environ.get("LOG_LEVEL", "INFO"), "up")
     logging.getLogger("oncelog").setLevel(logging.INFO)
 
     data = Path(os.environ.get("ONCELOG_DATA_DIR", ".data")).resolve()
