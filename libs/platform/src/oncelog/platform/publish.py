@@ -50,11 +50,15 @@ class PublishError(Exception):
 
 
 class Outbound(NamedTuple):
-    """One message to publish: its subject, body and broker dedup id."""
+    """One message to publish: subject, body, broker dedup id, and the event it carries."""
 
     subject: str
     body: bytes
     msg_id: str
+    # What callers count PubAcks by (broker duplicates per topic, the replayed event); the
+    # wire never reads these, so a message built from a subject and Msg-Id alone may omit them.
+    topic: str = ""
+    event_id: str = ""
 
 
 async def publish_many(

@@ -22,7 +22,7 @@ from nats.js.api import PubAck
 
 from oncelog.api import queries
 from oncelog.api.errors import Unavailable
-from oncelog.api.ingest import BodyError, Outgoing, prepare, prepare_one
+from oncelog.api.ingest import BodyError, prepare, prepare_one
 from oncelog.api.openapi import PublishOperation, ReplayOperation, errors
 from oncelog.api.protect import guard_publish
 from oncelog.api.schemas import PublishResult, ReplayResult
@@ -79,7 +79,7 @@ def _max_payload(state: State) -> int:
     return int(nc.max_payload)
 
 
-async def _publish_all(state: State, outgoing: Sequence[Outgoing]) -> list[PubAck]:
+async def _publish_all(state: State, outgoing: Sequence[Outbound]) -> list[PubAck]:
     """Publish every event; record the broker's duplicates; 503 unless all were acked.
 
     Events go out in slices of PUBLISH_INFLIGHT, each slice with PUBLISH_TIMEOUT_SECONDS from
@@ -98,7 +98,7 @@ async def _publish_all(state: State, outgoing: Sequence[Outgoing]) -> list[PubAc
         try:
             got: Sequence[PubAck | None] = await publish_many(
                 state.js,
-                [Outbound(e.subject, e.body, e.msg_id) for e in part],
+                part,
                 deadline=time.monotonic() + settings.publish_timeout_seconds,
             )
         except PublishError as exc:
@@ -157,7 +157,7 @@ async def publish(request: Request[Any, Any, Any], state: State) -> PublishResul
     )
 
 
-async def _stored_bytes(state: State, letter: Any) -> Outgoing:
+async def _stored_bytes(state: State, letter: Any) -> Outbound:
     """Return a dead letter's own bytes as an event to publish again, or say why they cannot be."""
     raw: bytes = letter["raw"]
     if letter["raw_size"] > len(raw):
@@ -176,12 +176,12 @@ async def _stored_bytes(state: State, letter: Any) -> Outgoing:
             "send a corrected event as the body",
             extra=[{"key": "body", "message": decoded.reason}],
         )
-    return Outgoing(
-        topic=decoded.topic,
-        event_id=decoded.event_id,
-        subject=subject_for(decoded.topic, prefix),
-        msg_id=msg_id(decoded.topic, decoded.event_id),
-        body=raw,
+    return Outbound(
+        subject_for(decoded.topic, prefix),
+        raw,
+        msg_id(decoded.topic, decoded.event_id),
+        decoded.topic,
+        decoded.event_id,
     )
 
 

@@ -17,8 +17,9 @@ from oncelog.events import (
     subject_for,
     to_utc,
 )
+from oncelog.platform.publish import Outbound
 
-__all__ = ["HTTP_SOURCE", "MAX_FIELD_ERRORS", "BodyError", "Outgoing", "prepare", "prepare_one"]
+__all__ = ["HTTP_SOURCE", "MAX_FIELD_ERRORS", "BodyError", "prepare", "prepare_one"]
 
 # The source of an event posted over HTTP without one, as "nats" is on the NATS path.
 HTTP_SOURCE = "http"
@@ -38,16 +39,6 @@ class BodyError(ValueError):
         self.errors = errors
 
 
-class Outgoing(msgspec.Struct, frozen=True):
-    """One validated event, encoded, with its subject and broker dedup id."""
-
-    topic: str
-    event_id: str
-    subject: str
-    msg_id: str
-    body: bytes
-
-
 def _one(
     raw: bytes,
     prefix: str,
@@ -57,7 +48,7 @@ def _one(
     max_payload: int,
     default_topic: str | None,
     errors: list[FieldError],
-) -> Outgoing | None:
+) -> Outbound | None:
     where = prefix + "." if prefix else ""
     event = decode_event(raw)
     if isinstance(event, Problem):
@@ -92,13 +83,7 @@ def _one(
             )
         )
         return None
-    return Outgoing(
-        topic=topic,
-        event_id=event.event_id,
-        subject=subject_for(topic, subject_prefix),
-        msg_id=msg,
-        body=body,
-    )
+    return Outbound(subject_for(topic, subject_prefix), body, msg, topic, event.event_id)
 
 
 def _outer(raw: bytes, field: str, shapes: str) -> list[msgspec.Raw] | dict[str, msgspec.Raw]:
@@ -115,7 +100,7 @@ def _outer(raw: bytes, field: str, shapes: str) -> list[msgspec.Raw] | dict[str,
     raise BodyError([FieldError(field=field, message=message)])
 
 
-def prepare(raw: bytes, *, now: datetime, subject_prefix: str, max_payload: int) -> list[Outgoing]:
+def prepare(raw: bytes, *, now: datetime, subject_prefix: str, max_payload: int) -> list[Outbound]:
     """Validate a POST /publish body of any of the three shapes; raise BodyError naming every bad field.
 
     Nothing is published unless every event is valid, so the caller only ever sees all or none.
@@ -132,7 +117,7 @@ def prepare(raw: bytes, *, now: datetime, subject_prefix: str, max_payload: int)
     else:
         items, prefix = [msgspec.Raw(raw)], ""
     errors: list[FieldError] = []
-    out: list[Outgoing] = []
+    out: list[Outbound] = []
     for index, item in enumerate(items):
         event = _one(
             bytes(item),
@@ -152,7 +137,7 @@ def prepare(raw: bytes, *, now: datetime, subject_prefix: str, max_payload: int)
 
 def prepare_one(
     raw: bytes, *, now: datetime, subject_prefix: str, max_payload: int, default_topic: str | None
-) -> Outgoing:
+) -> Outbound:
     """Validate a body holding one event object; `topic` may be left to `default_topic`."""
     top = _outer(raw, "body", "expected one event object")
     if not isinstance(top, dict):
