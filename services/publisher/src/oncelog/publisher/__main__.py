@@ -81,7 +81,6 @@ async def publish(settings: PublisherSettings, args: argparse.Namespace) -> Summ
         window = info.config.duplicate_window or settings.duplicate_window_seconds
         emitter = Emitter(
             js,
-            prefix=settings.subject_prefix,
             window_seconds=window,
             inflight=args.inflight,
             timeout=args.timeout,
@@ -96,6 +95,7 @@ async def publish(settings: PublisherSettings, args: argparse.Namespace) -> Summ
             replay_old=args.replay_old,
             source=args.source,
             seed=args.seed,
+            subject_prefix=settings.subject_prefix,
         )
         summary = await emitter.run(events, args.count, args.rate)
     finally:

@@ -15,9 +15,8 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from prometheus_client import CollectorRegistry, Counter
 
-from oncelog.events import msg_id, subject_for
 from oncelog.platform.publish import Outbound, PublishError, publish_many
-from oncelog.publisher.generate import Planned
+from oncelog.publisher.generate import Kind, Planned
 
 __all__ = ["Emitter", "PublisherMetrics", "Summary"]
 
@@ -75,7 +74,6 @@ class Emitter:
         self,
         js: JetStreamContext,
         *,
-        prefix: str,
         window_seconds: float,
         inflight: int = 256,
         timeout: float = 5.0,
@@ -84,7 +82,6 @@ class Emitter:
         progress: bool = False,
     ) -> None:
         self.js = js
-        self.prefix = prefix
         self.window = window_seconds
         self.inflight = inflight
         self.timeout = timeout
@@ -94,7 +91,7 @@ class Emitter:
         self.summary = Summary()
         self.chunk_size = min(inflight, 256)
         self._slots = asyncio.Semaphore(1)
-        self._chunk: list[Planned] = []
+        self._chunk: list[Outbound] = []
         self._dups: Tally[str] = Tally()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -107,25 +104,25 @@ class Emitter:
         last_report = started
         pace = 1.0 / rate if rate > 0 else 0.0
         next_at = started
-        later: list[tuple[float, int, Planned]] = []
-        for n, planned in enumerate(events):
-            if planned.kind == "old":
+        later: list[tuple[float, int, Outbound]] = []
+        for n, (kind, message) in enumerate(events):
+            if kind == "old":
                 # Due once the broker has surely forgotten the original's Msg-Id.
-                heapq.heappush(later, (time.monotonic() + self.window + 1.0, n, planned))
+                heapq.heappush(later, (time.monotonic() + self.window + 1.0, n, message))
                 continue
             while later and later[0][0] <= time.monotonic():
-                await self._add(heapq.heappop(later)[2])
+                await self._add("old", heapq.heappop(later)[2])
             if pace:
                 next_at += pace
                 if (delay := next_at - time.monotonic()) > 0:
                     await asyncio.sleep(delay)
-            await self._add(planned)
+            await self._add(kind, message)
             if self.progress and time.monotonic() - last_report >= 1.0:
                 last_report = time.monotonic()
                 self._report(count, started)
         await self._flush()
         while later:
-            due, _, planned = heapq.heappop(later)
+            due, _, message = heapq.heappop(later)
             while (wait := due - time.monotonic()) > 0:
                 await self._flush()
                 if self.progress:
@@ -133,7 +130,7 @@ class Emitter:
                         count, started, f"waiting {wait:.0f}s for the broker's duplicate window"
                     )
                 await asyncio.sleep(min(wait, 1.0))
-            await self._add(planned)
+            await self._add("old", message)
         await self._flush()
         if self._tasks:
             await asyncio.gather(*self._tasks)
@@ -146,14 +143,14 @@ class Emitter:
             sys.stderr.write("\n")
         return s
 
-    async def _add(self, planned: Planned) -> None:
+    async def _add(self, kind: Kind, message: Outbound) -> None:
         self.summary.sent += 1
         self.metrics.sent.inc()
-        if planned.kind == "new":
+        if kind == "new":
             self.summary.unique += 1
-        elif planned.kind == "old":
+        elif kind == "old":
             self.summary.old_replays += 1
-        self._chunk.append(planned)
+        self._chunk.append(message)
         if len(self._chunk) >= self.chunk_size:
             await self._flush()
 
@@ -170,17 +167,13 @@ class Emitter:
         self.summary.retries += n
         self.metrics.retried.inc(n)
 
-    async def _publish(self, chunk: list[Planned]) -> None:
+    async def _publish(self, chunk: list[Outbound]) -> None:
         try:
-            messages = [
-                Outbound(subject_for(p.topic, self.prefix), p.body, msg_id(p.topic, p.event_id))
-                for p in chunk
-            ]
             acks: Sequence[PubAck | None]
             try:
                 acks = await publish_many(
                     self.js,
-                    messages,
+                    chunk,
                     deadline=time.monotonic() + self.timeout * self.max_attempts,
                     attempt_timeout=self.timeout,
                     on_retry=self._retried,
@@ -190,7 +183,7 @@ class Emitter:
                 _log.error(
                     "giving up on events", extra={"missing": str(exc), "error": repr(exc.__cause__)}
                 )
-            for planned, ack in zip(chunk, acks, strict=False):
+            for message, ack in zip(chunk, acks, strict=False):
                 if ack is None:
                     continue
                 self.summary.acked += 1
@@ -198,7 +191,7 @@ class Emitter:
                 if ack.duplicate:
                     self.summary.broker_duplicates += 1
                     self.metrics.duplicates.inc()
-                    self._dups[planned.topic] += 1
+                    self._dups[message.topic] += 1
             missing = len(chunk) - sum(ack is not None for ack in acks)
             self.summary.errors += missing
             self.metrics.failed.inc(missing)

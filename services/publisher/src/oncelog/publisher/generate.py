@@ -6,22 +6,20 @@ import random
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Literal
 
 import msgspec
 
-from oncelog.events import IncomingEvent, encode_event
+from oncelog.events import IncomingEvent, encode_event, msg_id, subject_for
+from oncelog.platform.publish import Outbound
 
-__all__ = ["Planned", "plan", "topics_from"]
+__all__ = ["Kind", "Planned", "plan", "topics_from"]
 
-
-class Planned(msgspec.Struct, frozen=True):
-    """One message to publish; `kind` is "new", "recent" (a duplicate inside the broker's
-    window) or "old" (a replay sent once the window has passed for its original)."""
-
-    topic: str
-    event_id: str
-    body: bytes
-    kind: str
+# "new" is an event's first message, "recent" a duplicate inside the broker's window, "old" a
+# replay meant to be sent once the window has passed for its original.
+Kind = Literal["new", "recent", "old"]
+# One step of a plan: the kind of message and the message itself.
+Planned = tuple[Kind, Outbound]
 
 
 def topics_from(spec: str) -> list[str]:
@@ -39,20 +37,21 @@ def plan(
     replay_old: float,
     source: str,
     seed: int | None,
+    subject_prefix: str,
 ) -> Iterator[Planned]:
-    """Yield `count` messages.
+    """Yield `count` messages, each with its subject under `subject_prefix` and its Msg-Id.
 
     A duplicate repeats an event already planned, byte for byte and with the same Msg-Id: a
     fraction `replay_old` of them are replays meant to arrive after the broker has forgotten
     the id (so the store's permanent layer drops them), the rest arrive right away.
     """
     rng = random.Random(seed)
-    sent: list[Planned] = []
+    sent: list[Outbound] = []
     for n in range(count):
         if sent and rng.random() < dup_rate:
+            # The original's message itself: a duplicate costs no encoding and no new Msg-Id.
             original = sent[rng.randrange(len(sent))]
-            kind = "old" if rng.random() < replay_old else "recent"
-            yield Planned(original.topic, original.event_id, original.body, kind)
+            yield ("old" if rng.random() < replay_old else "recent"), original
             continue
         topic = topics[rng.randrange(len(topics))]
         event_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
@@ -63,6 +62,12 @@ def plan(
             source=source,
             payload=msgspec.Raw(msgspec.json.encode({"n": n, "value": rng.random()})),
         )
-        planned = Planned(topic, event_id, encode_event(event), "new")
-        sent.append(planned)
-        yield planned
+        message = Outbound(
+            subject_for(topic, subject_prefix),
+            encode_event(event),
+            msg_id(topic, event_id),
+            topic,
+            event_id,
+        )
+        sent.append(message)
+        yield "new", message
