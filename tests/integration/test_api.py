@@ -69,6 +69,8 @@ async def test_postgres_unreachable_is_503_naming_it(
         ready=False,
         database_url="postgresql://postgres@127.0.0.1:1/none",
         rate_limit_per_second=0,
+        # The test's settings carry the consumer's pool minimum; the API's own default is 0.
+        db_pool_min=0,
     ) as c:
         for path in ("/events", "/stats", "/topics", "/dead-letters", "/events/a/b"):
             resp = await c.get(path)

@@ -9,7 +9,6 @@ import os
 import time
 from collections.abc import AsyncIterator
 
-import asyncpg
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
@@ -20,7 +19,7 @@ from oncelog.api.errors import exception_handlers
 from oncelog.api.metrics import ApiMetrics, MetricsMiddleware, count_unmatched
 from oncelog.api.protect import Protection
 from oncelog.api.settings import ApiSettings
-from oncelog.platform import broker
+from oncelog.platform import broker, db
 from oncelog.store.stats import shard_for
 
 __all__ = ["create_app"]
@@ -49,16 +48,7 @@ async def _connect_nats(app: Litestar, settings: ApiSettings) -> None:
 @contextlib.asynccontextmanager
 async def _lifespan(app: Litestar) -> AsyncIterator[None]:
     settings: ApiSettings = app.state.settings
-    pool = await asyncpg.create_pool(
-        settings.database_url,
-        min_size=0,
-        max_size=settings.db_pool_max,
-        server_settings={
-            "application_name": "oncelog-api",
-            "statement_timeout": str(settings.statement_timeout_ms),
-        },
-    )
-    assert pool is not None
+    pool = await db.create_pool(settings, "oncelog-api")
     app.state.pool = pool
     app.state.metrics.watch_pool(pool)
     connecting = asyncio.create_task(_connect_nats(app, settings))

@@ -14,6 +14,9 @@ __all__ = ["ApiSettings"]
 class ApiSettings(CommonSettings, frozen=True, kw_only=True):
     """Settings of the HTTP API."""
 
+    # 0 (not CommonSettings' 1): the pool connects on first use, so the API starts and answers
+    # 503 naming PostgreSQL while the database is away, instead of failing to start.
+    db_pool_min: Annotated[int, msgspec.Meta(ge=0)] = 0
     api_host: str = "127.0.0.1"
     api_port: Port = 8080
     max_body_bytes: Positive = 1024 * 1024
