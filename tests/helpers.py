@@ -42,7 +42,7 @@ async def running_consumer(
 ) -> AsyncIterator[Consumer]:
     """Run one consumer replica in this event loop for the duration of the block."""
     # The test's JetStream context shares its connection with the consumer under test.
-    consumer = Consumer(settings, js._nc, pool, ConsumerMetrics(CollectorRegistry()), shard)
+    consumer = Consumer(settings, js._nc, pool, ConsumerMetrics(CollectorRegistry()), shard)  # noqa: SLF001 - JetStreamContext has no public accessor for its connection
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
     try:

@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 from litestar.testing import AsyncTestClient
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from helpers import assert_invariants, running_consumer, wait_until
@@ -224,12 +225,13 @@ async def test_bad_query_parameters_are_422(client: AsyncTestClient[Any], query:
 
 async def test_the_largest_event_the_gateway_accepts_is_stored(
     client: AsyncTestClient[Any],
+    nc: Client,
     js: JetStreamContext,
     settings: ConsumerSettings,
     pool: asyncpg.Pool,
 ) -> None:
     """At the size limit: the largest accepted event reaches the store; one byte more is a 422."""
-    max_payload = js._nc.max_payload
+    max_payload = nc.max_payload
 
     def body(size: int) -> bytes:
         return json.dumps(

@@ -62,12 +62,12 @@ async def test_a_msg_id_a_header_would_alter_is_never_written(
 
 @pytest.mark.parametrize("bad", ["ids.a b", "ids.a\r\nPUB x 1", "ids.\x00", ""])
 async def test_a_subject_a_frame_cannot_carry_is_never_written(
-    js: JetStreamContext, settings: ConsumerSettings, bad: str
+    nc: Client, js: JetStreamContext, settings: ConsumerSettings, bad: str
 ) -> None:
     """A subject with a space, line break or control character is refused before it is sent."""
     with pytest.raises(ValueError, match="cannot go into a NATS frame"):
         await publish_many(js, [Outbound(bad, b"{}", "ids:a")], deadline=time.monotonic() + 5)
-    assert js._nc.is_connected
+    assert nc.is_connected
 
 
 async def test_a_subject_no_stream_takes_fails_by_the_deadline(

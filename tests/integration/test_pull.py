@@ -139,7 +139,7 @@ async def test_the_consumer_stores_a_backlog_many_times_its_byte_budget(
 
     # Every delivery records what the replica then holds.
     peak = 0
-    deliver = Consumer._deliver
+    deliver = Consumer._deliver  # noqa: SLF001 - every delivery is observed where the replica holds it
 
     def recording(self: Consumer, msg: Delivered) -> None:
         nonlocal peak
@@ -149,7 +149,7 @@ async def test_the_consumer_stores_a_backlog_many_times_its_byte_budget(
     monkeypatch.setattr(Consumer, "_deliver", recording)
 
     async def all_released() -> bool:
-        return await all_stored() and consumer._held_bytes == 0
+        return await all_stored() and consumer._held_bytes == 0  # noqa: SLF001 - what the replica holds
 
     async with running_consumer(small, js, pool) as consumer:
         await wait_until(all_released, within=60)

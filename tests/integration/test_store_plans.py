@@ -27,7 +27,7 @@ async def test_the_duplicate_probe_stays_an_index_probe_as_the_table_grows(
     every batch, so a drain slowed down with every row it stored.
     """
     async with pool.acquire() as conn:
-        await conn.execute(f"PREPARE dups(text) AS {store._INSERT_DUPLICATES}")
+        await conn.execute(f"PREPARE dups(text) AS {store._INSERT_DUPLICATES}")  # noqa: SLF001 - the plan under test is the store's own statement
         for _ in range(8):
             await conn.execute("EXECUTE dups('[]')")
         await conn.execute(

@@ -6,6 +6,7 @@ import random
 
 import pytest
 from nats.aio.client import Client
+from nats.protocol.parser import Parser
 
 from oncelog.events import parse_headers
 from oncelog.platform.wire import FastParser, Sink, install
@@ -51,10 +52,15 @@ def client() -> Client:
     return Client()
 
 
+def parser_of(client: Client) -> Parser:
+    """Return the client's protocol parser, the object under test."""
+    return client._ps  # noqa: SLF001 - nats-py keeps its parser in a private slot
+
+
 async def _feed(client: Client, stream: bytes, cuts: list[int]) -> None:
     start = 0
     for cut in [*cuts, len(stream)]:
-        await client._ps.parse(stream[start:cut])
+        await parser_of(client).parse(stream[start:cut])
         start = cut
 
 
@@ -71,13 +77,13 @@ async def test_frames_come_out_whole_whatever_the_read_boundaries(
     async def pong() -> None:
         pongs.append(None)
 
-    client._process_ping = pong  # type: ignore[method-assign]
+    client._process_ping = pong  # type: ignore[method-assign]  # noqa: SLF001 - PING handling needs a connection; counted instead
     cuts = sorted(rng.sample(range(1, len(stream)), 200))
     await _feed(client, stream, cuts)
     assert got == expected
     assert pongs
     assert len(pongs) == stream.count(b"PING\r\n")
-    assert client._ps.buf == bytearray()
+    assert parser_of(client).buf == bytearray()
     assert client.stats["in_msgs"] == len(expected) + stream.count(b"MSG other ")
 
 
@@ -85,7 +91,7 @@ async def test_byte_by_byte_reads_give_the_same_frames(client: Client) -> None:
     stream, expected = _stream(random.Random(99), 40)
     got: list[Frame] = []
     install(client, SID, _collect(got))
-    client._process_ping = _noop  # type: ignore[method-assign]
+    client._process_ping = _noop  # type: ignore[method-assign]  # noqa: SLF001 - PING handling needs a connection; skipped
     await _feed(client, stream, list(range(1, len(stream))))
     assert got == expected
 
@@ -99,10 +105,10 @@ async def test_frames_a_sink_declines_take_the_standard_path(client: Client) -> 
     ) -> None:
         seen.append((sid, headers))
 
-    client._process_msg = process_msg  # type: ignore[method-assign]
+    client._process_msg = process_msg  # type: ignore[method-assign]  # noqa: SLF001 - records what nats-py's path receives
     install(client, SID, lambda subject, reply, headers, data: bool(data))
     status = b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 12\r\n\r\n"
-    await client._ps.parse(_frame(SID, b"_INBOX.x", b"", status, b""))
+    await parser_of(client).parse(_frame(SID, b"_INBOX.x", b"", status, b""))
     assert seen == [(SID, status)]
     assert parse_headers(status) == {
         "Status": "408",
@@ -112,12 +118,12 @@ async def test_frames_a_sink_declines_take_the_standard_path(client: Client) -> 
 
 
 async def test_install_keeps_the_parser_and_a_half_read_frame(client: Client) -> None:
-    parser = client._ps
+    parser = parser_of(client)
     stream, expected = _stream(random.Random(3), 3)
     await parser.parse(stream[:10])  # nats-py's parser holds a partial control line
     got: list[Frame] = []
     uninstall = install(client, SID, _collect(got))
-    assert client._ps is parser
+    assert parser_of(client) is parser
     assert isinstance(parser, FastParser)
     await parser.parse(stream[10:])
     assert got == expected
@@ -130,7 +136,7 @@ async def test_a_malformed_control_line_is_a_protocol_error(client: Client) -> N
 
     install(client, SID, lambda *frame: True)
     with pytest.raises(ProtocolError):
-        await client._ps.parse(b"MSG subject notanumber 3\r\nabc\r\n")
+        await parser_of(client).parse(b"MSG subject notanumber 3\r\nabc\r\n")
 
 
 async def _noop() -> None:

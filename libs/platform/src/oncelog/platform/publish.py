@@ -117,7 +117,7 @@ async def _send(
         check_frame(messages[i])
     try:
         async with asyncio.timeout(remaining):
-            inbox = await _AckInbox.of(js._nc)
+            inbox = await _AckInbox.of(js._nc)  # noqa: SLF001 - JetStreamContext keeps its connection private
             if inbox is not None and inbox.can_send([messages[i] for i in todo]):
                 return await inbox.send(messages, todo), None
             # No wait_stall: nats-py would wrap every message in asyncio.wait_for, which
@@ -188,7 +188,7 @@ class _AckInbox:
             subject = nc.new_inbox()
             inbox = cls(nc, subject.encode() + b".")
             sub = await nc.subscribe(subject + ".*", cb=inbox._on_msg)
-            install(nc, sub._id, inbox._on_frame)
+            install(nc, sub._id, inbox._on_frame)  # noqa: SLF001 - the sid MSG frames carry; Subscription does not expose it
         _INBOXES[nc] = inbox
         return inbox
 

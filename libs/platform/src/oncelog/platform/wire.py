@@ -113,7 +113,7 @@ class FastParser(Parser):
                     continue
                 del buf[:pos]
                 pos, end = 0, len(buf)
-                await self.nc._process_msg(
+                await self.nc._process_msg(  # noqa: SLF001 - nats-py's processing of a frame no sink took
                     arg["sid"], arg["subject"], arg["reply"], payload, headers
                 )
                 if self.buf is not buf:
@@ -196,8 +196,8 @@ def can_write(nc: Client) -> bool:
 
 async def write(nc: Client, frames: bytes) -> None:
     """Queue protocol frames on the client's outbound buffer and flush them in one write."""
-    await nc._send_command(frames)
-    await nc._flush_pending()
+    await nc._send_command(frames)  # noqa: SLF001 - nats-py has no public way to queue raw frames
+    await nc._flush_pending()  # noqa: SLF001 - one flush for all the frames just queued
 
 
 async def respond(nc: Client, replies: Sequence[Delivered], body: bytes = b"") -> None:

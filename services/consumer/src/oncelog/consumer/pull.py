@@ -106,7 +106,7 @@ class Puller:
         self.sub = await self.nc.subscribe(
             self.inbox, cb=self._on_msg, pending_msgs_limit=self.window * 4, pending_bytes_limit=-1
         )
-        self.uninstall = install(self.nc, self.sub._id, self._on_frame)
+        self.uninstall = install(self.nc, self.sub._id, self._on_frame)  # noqa: SLF001 - the sid MSG frames carry; Subscription does not expose it
 
     async def stop(self) -> None:
         """Stop receiving; anything delivered afterwards is redelivered after ack_wait."""
