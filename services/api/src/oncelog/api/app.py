@@ -5,29 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import time
 from collections.abc import AsyncIterator
 
 from litestar import Litestar
-from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
-from prometheus_client import CollectorRegistry
 
 from oncelog.api import gateway, operations, routes
 from oncelog.api.errors import exception_handlers
-from oncelog.api.metrics import ApiMetrics, MetricsMiddleware, count_unmatched
-from oncelog.api.protect import Protection
+from oncelog.api.metrics import MetricsMiddleware, count_unmatched
 from oncelog.api.settings import ApiSettings
+from oncelog.api.state import AppState, app_state
 from oncelog.platform import broker, db
-from oncelog.store.stats import shard_for
 
 __all__ = ["create_app"]
 
 _log = logging.getLogger("oncelog.api")
 
 
-async def _connect_nats(app: Litestar, settings: ApiSettings) -> None:
+async def _connect_nats(state: AppState, settings: ApiSettings) -> None:
     """Connect to NATS, retrying until it answers: the API serves reads while it is away."""
     delay = 0.5
     while True:
@@ -40,27 +35,28 @@ async def _connect_nats(app: Litestar, settings: ApiSettings) -> None:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10)
             continue
-        app.state.nc = nc
-        app.state.js = js
+        state.nc = nc
+        state.js = js
         return
 
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: Litestar) -> AsyncIterator[None]:
-    settings: ApiSettings = app.state.settings
+    state = app_state(app)
+    settings = state.settings
     pool = await db.create_pool(settings, "oncelog-api")
-    app.state.pool = pool
-    app.state.metrics.watch_pool(pool)
-    connecting = asyncio.create_task(_connect_nats(app, settings))
+    state.pool = pool
+    state.metrics.watch_pool(pool)
+    connecting = asyncio.create_task(_connect_nats(state, settings))
     try:
         yield
     finally:
         connecting.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await connecting
-        if app.state.nc is not None:
+        if state.nc is not None:
             with contextlib.suppress(Exception):
-                await app.state.nc.drain()
+                await state.nc.drain()
         await pool.close()
 
 
@@ -81,20 +77,7 @@ def create_app(settings: ApiSettings) -> Litestar:
             operations.metrics,
         ],
         lifespan=[_lifespan],
-        state=State(
-            {
-                "settings": settings,
-                "nc": None,
-                "js": None,
-                "pool": None,
-                "started": time.monotonic(),
-                # A registry per app, never the global one, so two apps in a process never clash.
-                "metrics": ApiMetrics(CollectorRegistry()),
-                "protection": Protection(settings),
-                # This process's stats shard for the broker duplicates it records.
-                "shard": shard_for(f"api-{os.uname().nodename}-{os.getpid()}"),
-            }
-        ),
+        state=AppState.build(settings),
         middleware=[MetricsMiddleware()],
         before_send=[count_unmatched],
         exception_handlers=exception_handlers,

@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from litestar import Request, post
-from litestar.datastructures import State
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.params import PathParameter
 from litestar.status_codes import (
@@ -18,6 +17,7 @@ from litestar.status_codes import (
     HTTP_409_CONFLICT,
     HTTP_415_UNSUPPORTED_MEDIA_TYPE,
 )
+from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
 from oncelog.api import queries
@@ -26,6 +26,7 @@ from oncelog.api.ingest import BodyError, prepare, prepare_one
 from oncelog.api.openapi import PublishOperation, ReplayOperation, errors
 from oncelog.api.protect import guard_publish
 from oncelog.api.schemas import PublishResult, ReplayResult
+from oncelog.api.state import AppState
 from oncelog.events import (
     MAX_EVENT_BYTES,
     Decoded,
@@ -72,14 +73,17 @@ def _json_body(request: Request[Any, Any, Any], *, optional: bool = False) -> No
     )
 
 
-def _max_payload(state: State) -> int:
-    nc = state.nc
-    if nc is None or state.js is None:
+def _broker(state: AppState) -> tuple[JetStreamContext, int]:
+    """Return the JetStream context and the server's max_payload, or 503 while NATS is away."""
+    nc, js = state.nc, state.js
+    if nc is None or js is None:
         raise Unavailable(detail="NATS is not connected; retry the same body later")
-    return int(nc.max_payload)
+    return js, int(nc.max_payload)
 
 
-async def _publish_all(state: State, outgoing: Sequence[Outbound]) -> list[PubAck]:
+async def _publish_all(
+    state: AppState, js: JetStreamContext, outgoing: Sequence[Outbound]
+) -> list[PubAck]:
     """Publish every event; record the broker's duplicates; 503 unless all were acked.
 
     Events go out in slices of PUBLISH_INFLIGHT, each slice with PUBLISH_TIMEOUT_SECONDS from
@@ -97,7 +101,7 @@ async def _publish_all(state: State, outgoing: Sequence[Outbound]) -> list[PubAc
         part = outgoing[start : start + size]
         try:
             got: Sequence[PubAck | None] = await publish_many(
-                state.js,
+                js,
                 part,
                 deadline=time.monotonic() + settings.publish_timeout_seconds,
             )
@@ -137,27 +141,28 @@ async def _publish_all(state: State, outgoing: Sequence[Outbound]) -> list[PubAc
     response_description="Every event is durably in the stream (or was already).",
     responses=errors(401, 413, 415, 422, 429, 503),
 )
-async def publish(request: Request[Any, Any, Any], state: State) -> PublishResult:
+async def publish(request: Request[Any, Any, Any], state: AppState) -> PublishResult:
     """Validate every event, publish all with their Msg-Ids, answer once every PubAck arrived."""
     _json_body(request)
     raw = await request.body()
+    js, max_payload = _broker(state)
     try:
         outgoing = prepare(
             raw,
             now=datetime.now(UTC),
             subject_prefix=state.settings.subject_prefix,
-            max_payload=_max_payload(state),
+            max_payload=max_payload,
         )
     except BodyError as exc:
         raise _rejected(exc) from None
-    acks = await _publish_all(state, outgoing)
+    acks = await _publish_all(state, js, outgoing)
     duplicates = sum(1 for ack in acks if ack.duplicate)
     return PublishResult(
         accepted=len(acks), duplicates=duplicates, published=len(acks) - duplicates
     )
 
 
-async def _stored_bytes(state: State, letter: Any) -> Outbound:
+async def _stored_bytes(state: AppState, letter: Any) -> Outbound:
     """Return a dead letter's own bytes as an event to publish again, or say why they cannot be."""
     raw: bytes = letter["raw"]
     if letter["raw_size"] > len(raw):
@@ -197,7 +202,7 @@ async def _stored_bytes(state: State, letter: Any) -> Outbound:
 )
 async def replay(
     request: Request[Any, Any, Any],
-    state: State,
+    state: AppState,
     letter_id: Annotated[
         int, PathParameter(ge=1, le=2**63 - 1, description="The dead letter's id")
     ],
@@ -209,6 +214,7 @@ async def replay(
         letter = await queries.fetch_dead_letter(conn, letter_id)
     if letter is None:
         raise NotFoundException(detail=f"no dead letter {letter_id}")
+    js, max_payload = _broker(state)
     if raw.strip():
         default_topic = letter["topic"] if topic_error(letter["topic"]) is None else None
         try:
@@ -216,15 +222,14 @@ async def replay(
                 raw,
                 now=datetime.now(UTC),
                 subject_prefix=state.settings.subject_prefix,
-                max_payload=_max_payload(state),
+                max_payload=max_payload,
                 default_topic=default_topic,
             )
         except BodyError as exc:
             raise _rejected(exc) from None
     else:
-        _max_payload(state)
         event = await _stored_bytes(state, letter)
-    (ack,) = await _publish_all(state, [event])
+    (ack,) = await _publish_all(state, js, [event])
     async with state.pool.acquire() as conn:
         replayed_at = await queries.mark_replayed(conn, letter_id)
     _log.info(

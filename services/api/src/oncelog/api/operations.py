@@ -7,7 +7,6 @@ import logging
 import nats.errors
 import nats.js.errors
 from litestar import Response, get
-from litestar.datastructures import State
 from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -23,6 +22,7 @@ from oncelog.api.schemas import (
     Readiness,
     StreamState,
 )
+from oncelog.api.state import AppState
 from oncelog.store.health import stuck as stuck_consumers
 
 __all__ = ["health", "metrics", "queue_stats", "ready"]
@@ -42,7 +42,7 @@ async def health() -> Health:
     tags=["operations"],
     responses=errors(503),
 )
-async def ready(state: State) -> Response[Readiness | ErrorBody]:
+async def ready(state: AppState) -> Response[Readiness | ErrorBody]:
     """Answer 200 when NATS and PostgreSQL answer and no live consumer replica is stuck on a
     batch; 503 naming each failing part otherwise."""
     failing: list[FieldError] = []
@@ -83,11 +83,11 @@ async def ready(state: State) -> Response[Readiness | ErrorBody]:
     guards=[guard_read],
     responses=errors(401, 429, 503),
 )
-async def queue_stats(state: State) -> QueueStats:
+async def queue_stats(state: AppState) -> QueueStats:
     """Return what waits in the stream and how far the durable consumer has got."""
     settings = state.settings
-    js = state.js
-    if js is None or not state.nc.is_connected:
+    nc, js = state.nc, state.js
+    if nc is None or js is None or not nc.is_connected:
         raise Unavailable(detail="NATS is not connected; retry later")
     try:
         info = await js.stream_info(settings.stream)
@@ -131,6 +131,6 @@ async def queue_stats(state: State) -> QueueStats:
     tags=["operations"],
     media_type=CONTENT_TYPE_LATEST,
 )
-async def metrics(state: State) -> Response[bytes]:
+async def metrics(state: AppState) -> Response[bytes]:
     """Return the API's metrics in the Prometheus text format."""
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

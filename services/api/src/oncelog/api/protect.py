@@ -6,13 +6,18 @@ import hmac
 import math
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, TooManyRequestsException
 from litestar.handlers.base import BaseRouteHandler
 
 from oncelog.api.settings import ApiSettings
+
+if TYPE_CHECKING:
+    # The state module imports this one (AppState holds a Protection), so the guards name
+    # its type for mypy only.
+    from oncelog.api.state import AppState
 
 __all__ = ["API_KEY_HEADER", "Protection", "TokenBuckets", "guard_publish", "guard_read"]
 
@@ -99,7 +104,7 @@ def _peer(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
 # cost a thread hop per request and would let requests race on the token buckets.
 async def guard_read(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Guard of the read routes: API_KEYS_READ, when set, and the rate limit."""
-    protection: Protection = connection.app.state.protection
+    protection = cast("AppState", connection.app.state).protection
     protection.check(connection, protection.read_keys)
 
 
@@ -107,5 +112,5 @@ async def guard_publish(
     connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
 ) -> None:
     """Guard of the write routes: API_KEYS_PUBLISH, when set, and the rate limit."""
-    protection: Protection = connection.app.state.protection
+    protection = cast("AppState", connection.app.state).protection
     protection.check(connection, protection.publish_keys)

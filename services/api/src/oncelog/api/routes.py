@@ -9,7 +9,7 @@ from urllib.parse import urlencode
 
 import msgspec
 from litestar import Request, Response, get
-from litestar.datastructures import ResponseHeader, State
+from litestar.datastructures import ResponseHeader
 from litestar.exceptions import NotFoundException
 from litestar.params import Parameter, PathParameter
 
@@ -26,6 +26,7 @@ from oncelog.api.schemas import (
     TopicInfo,
     TopicStats,
 )
+from oncelog.api.state import AppState
 from oncelog.events import Event, pattern_error, to_utc
 from oncelog.store.stats import Counts, totals
 
@@ -94,7 +95,7 @@ def _next_link(request: Request[Any, Any, Any], token: str) -> str:
 )
 async def events(
     request: Request[Any, Any, Any],
-    state: State,
+    state: AppState,
     topic: TopicQuery = None,
     limit: Annotated[int, Parameter(ge=1, le=1000, description="Page size (max 1000)")] = 100,
     since: Annotated[
@@ -162,7 +163,7 @@ async def events(
     responses=errors(400, 401, 404, 422, 429, 503),
 )
 async def event(
-    state: State,
+    state: AppState,
     topic: Annotated[str, PathParameter(description="The event's topic", max_length=255)],
     event_id: Annotated[str, PathParameter(description="The event's id", max_length=255)],
 ) -> EventDetail:
@@ -212,7 +213,7 @@ def _counts(c: Counts) -> dict[str, Any]:
     guards=[guard_read],
     responses=errors(401, 429, 503),
 )
-async def stats(state: State) -> Stats:
+async def stats(state: AppState) -> Stats:
     """Return counters summed over topics; cost grows with topics, never with stored events."""
     async with state.pool.acquire() as conn:
         by_topic = await queries.fetch_stats(conn)
@@ -246,7 +247,7 @@ async def stats(state: State) -> Stats:
     guards=[guard_read],
     responses=_READ_ERRORS,
 )
-async def topics(state: State, topic: TopicQuery = None) -> list[TopicInfo]:
+async def topics(state: AppState, topic: TopicQuery = None) -> list[TopicInfo]:
     """Return every topic seen (or those matching `topic`), in name order."""
     pattern = _topic_query(topic)
     async with state.pool.acquire() as conn:
@@ -274,7 +275,7 @@ def _text(raw: bytes) -> str | None:
 )
 async def dead_letters(
     request: Request[Any, Any, Any],
-    state: State,
+    state: AppState,
     topic: TopicQuery = None,
     limit: Annotated[int, Parameter(ge=1, le=200, description="Page size (max 200)")] = 50,
     cursor: Annotated[

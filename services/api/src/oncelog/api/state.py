@@ -1,0 +1,73 @@
+"""The API's application state: every dependency a handler may use, with its type."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING
+
+import asyncpg
+from litestar.datastructures import State
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from prometheus_client import CollectorRegistry
+
+from oncelog.api.metrics import ApiMetrics
+from oncelog.api.protect import Protection
+from oncelog.api.settings import ApiSettings
+from oncelog.store.stats import shard_for
+
+if TYPE_CHECKING:
+    from litestar import Litestar
+
+__all__ = ["AppState", "app_state"]
+
+
+class AppState(State):
+    """What handlers, guards and middleware use; a handler asks for it as `state: AppState`."""
+
+    # Litestar wraps the app's state dict in this class for every handler call; with no
+    # __dict__ of its own, that costs what a plain State costs.
+    __slots__ = ()
+
+    settings: ApiSettings
+    metrics: ApiMetrics
+    protection: Protection
+    # When the app was built (time.monotonic()), for /stats' uptime.
+    started: float
+    # This process's stats shard for the broker duplicates it records.
+    shard: int
+    # Opened by the lifespan before the first request is served.
+    pool: asyncpg.Pool
+    # None until NATS first answers: the API serves reads while the broker is away.
+    nc: Client | None
+    js: JetStreamContext | None
+
+    if TYPE_CHECKING:
+        # State answers any attribute name from its dict, typed Any; hidden from mypy, a name
+        # not listed above is an error wherever it is read or set.
+        __getattr__: None  # type: ignore[assignment, misc]
+        __setattr__: None  # type: ignore[assignment, misc]
+
+    @classmethod
+    def build(cls, settings: ApiSettings) -> AppState:
+        """Return the state of a new app for `settings`; the lifespan adds the pool and NATS."""
+        return cls(
+            {
+                "settings": settings,
+                # A registry per app, never the global one, so two apps in a process never clash.
+                "metrics": ApiMetrics(CollectorRegistry()),
+                "protection": Protection(settings),
+                "started": time.monotonic(),
+                "shard": shard_for(f"api-{os.uname().nodename}-{os.getpid()}"),
+                "nc": None,
+                "js": None,
+            }
+        )
+
+
+def app_state(app: Litestar) -> AppState:
+    """Return the app's state as what create_app made it, for code that is not a handler."""
+    state = app.state
+    assert isinstance(state, AppState)
+    return state
