@@ -7,11 +7,9 @@ import ctypes
 import importlib.util
 import logging
 import os
-import pwd
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sysconfig
 import time
@@ -36,7 +34,6 @@ __all__ = [
 _log = logging.getLogger("oncelog.embedded")
 _PR_SET_PDEATHSIG = 1
 # PostgreSQL refuses to run as root; as root, the server runs as this system user instead.
-_PG_SYSTEM_USER = "embedded_postgres"
 
 
 class EmbeddedError(RuntimeError):
@@ -104,22 +101,35 @@ def postgres_bin_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
-def _open_up(path: Path) -> None:
-    """Let other users traverse every directory above `path` (g+rx, o+rx)."""
-    for parent in path.parents:
-        mode = parent.stat().st_mode
-        wanted = mode | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
-        if mode != wanted:
-            parent.chmod(wanted)
+# PostgreSQL refuses to run as root. As root, it runs in a user namespace of its own, where it
+# has this uid, mapped to root outside: it can read and write exactly what root can, its files
+# belong to root, and no system user has to be created nor any directory opened up for one.
+_PG_NAMESPACE_UID = 1000
 
 
-def _system_user(name: str) -> pwd.struct_passwd:
-    """Return the system user `name`, creating it when missing."""
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", name], check=True)  # noqa: S603, S607
-        return pwd.getpwnam(name)
+def _as_postgres(argv: list[str]) -> list[str]:
+    """Return `argv` run so that PostgreSQL accepts it: as it is, or as root in a namespace."""
+    if os.geteuid() != 0:
+        return argv
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        raise EmbeddedError(
+            "running as root, PostgreSQL needs util-linux's `unshare` (it refuses to run as "
+            "root); install util-linux or run as another user"
+        )
+    uid = f"{_PG_NAMESPACE_UID}"
+    return [unshare, "--user", f"--map-user={uid}", f"--map-group={uid}", "--", *argv]
+
+
+def _own_by_root(path: Path) -> None:
+    """Give back to root a data directory an older oncelog let a system user own."""
+    if path.stat().st_uid == 0:
+        return
+    _log.info("giving the PostgreSQL data directory back to root", extra={"data": str(path)})
+    os.chown(path, 0, 0)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.chown(Path(root, name), 0, 0, follow_symlinks=False)
 
 
 class _Server:
@@ -183,7 +193,7 @@ class _Server:
     def _after_reap(self, pid: int) -> None:
         """Remove what the ended process `pid` left behind that would stop a new start."""
 
-    def _spawn(self, argv: list[str], log: Path, death_signal: int, user: str | None) -> None:
+    def _spawn(self, argv: list[str], log: Path, death_signal: int) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
         self._log_handle = log.open("ab")
         self.proc = subprocess.Popen(  # noqa: S603 - argv is built from fixed binaries and settings
@@ -194,7 +204,6 @@ class _Server:
             # Its own session: a Ctrl-C meant for the services does not reach the servers, which
             # the owner stops last, after the services have drained.
             start_new_session=True,
-            user=user,
             preexec_fn=lambda: die_with_parent(death_signal),  # noqa: PLW1509
         )
 
@@ -298,7 +307,7 @@ class NatsServer(_Server):
             "-m", str(self.monitor_port),
             *self.extra_args,
         ]  # fmt: skip
-        self._spawn(argv, self.log_file, signal.SIGTERM, None)
+        self._spawn(argv, self.log_file, signal.SIGTERM)
         assert self.proc is not None
         self._wait(self._healthy, "nats-server", timeout)
         _log.info("nats-server ready", extra={"url": self.url, "store": str(self.store_dir)})
@@ -325,7 +334,6 @@ class PostgresServer(_Server):
         self.fsync = fsync
         self.settings = settings or {}
         self.log_file = self.data_dir.parent / f"{self.data_dir.name}.log"
-        self.user = _PG_SYSTEM_USER if os.geteuid() == 0 else None
 
     def url(self, database: str = "postgres") -> str:
         """Return a connection URL for `database` as the superuser."""
@@ -345,23 +353,6 @@ class PostgresServer(_Server):
                 lock.unlink()
                 _log.info("removed stale postmaster.pid", extra={"pid": pid})
 
-    def _prepare_root(self) -> None:
-        entry = _system_user(_PG_SYSTEM_USER)
-        install = postgres_bin_dir().parent
-        _open_up(install)
-        for root, dirs, files in os.walk(install):
-            for name in dirs + files:
-                path = Path(root, name)
-                mode = path.stat().st_mode
-                extra = stat.S_IRGRP | stat.S_IROTH
-                if path.is_dir() or mode & stat.S_IXUSR:
-                    extra |= stat.S_IXGRP | stat.S_IXOTH
-                if mode | extra != mode:
-                    path.chmod(mode | extra)
-        _open_up(self.data_dir)
-        os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
-        self.data_dir.chmod(0o700)
-
     def _initdb(self) -> None:
         if (self.data_dir / "PG_VERSION").exists():
             return
@@ -373,7 +364,7 @@ class PostgresServer(_Server):
             "--encoding=UTF8",
             "--locale=C.UTF-8",
         ]  # fmt: skip
-        result = subprocess.run(argv, capture_output=True, user=self.user, check=False)  # noqa: S603
+        result = subprocess.run(_as_postgres(argv), capture_output=True, check=False)  # noqa: S603
         if result.returncode != 0:
             raise EmbeddedError(f"initdb failed: {result.stderr.decode(errors='replace')}")
 
@@ -389,8 +380,9 @@ class PostgresServer(_Server):
         if _port_busy(self.host, self.port):
             raise EmbeddedError(f"port {self.port} on {self.host} is in use; choose another one")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        if self.user is not None:
-            self._prepare_root()
+        self.data_dir.chmod(0o700)
+        if os.geteuid() == 0:
+            _own_by_root(self.data_dir)
         self._initdb()
         options = {
             "listen_addresses": self.host,
@@ -403,11 +395,8 @@ class PostgresServer(_Server):
         argv = [str(postgres_bin_dir() / "postgres"), "-D", str(self.data_dir)]
         for key, value in options.items():
             argv += ["-c", f"{key}={value}"]
-        self.log_file.touch()
-        if self.user is not None:
-            shutil.chown(self.log_file, self.user)
         # SIGINT is PostgreSQL's fast shutdown: it rolls back open transactions and checkpoints.
-        self._spawn(argv, self.log_file, signal.SIGINT, self.user)
+        self._spawn(_as_postgres(argv), self.log_file, signal.SIGINT)
         assert self.proc is not None
         self._wait(self._ready, "postgres", timeout)
         _log.info("postgres ready", extra={"url": self.url(), "data": str(self.data_dir)})
@@ -460,7 +449,7 @@ class PrometheusServer(_Server):
             f"--web.listen-address={self.host}:{self.port}",
             "--web.enable-lifecycle",
         ]
-        self._spawn(argv, self.log_file, signal.SIGTERM, None)
+        self._spawn(argv, self.log_file, signal.SIGTERM)
         assert self.proc is not None
         self._wait(self._ready, "prometheus", timeout)
         _log.info("prometheus ready", extra={"url": self.url})
