@@ -13,6 +13,7 @@ from litestar.testing import AsyncTestClient
 from nats.js import JetStreamContext
 
 from helpers import api_client, running_consumer, totals, wait_until
+from oncelog.api import gateway, operations
 from oncelog.consumer.settings import ConsumerSettings
 
 
@@ -76,13 +77,46 @@ async def test_postgres_unreachable_is_503_naming_it(
             resp = await c.get(path)
             assert resp.status_code == 503, path
             assert resp.headers["retry-after"] == "1"
-            assert resp.json()["status_code"] == 503
+            assert resp.json()["detail"] == "PostgreSQL is unavailable; retry later"
 
         async def postgres_named() -> bool:
             body = (await c.get("/ready")).json()
             return bool(body.get("errors") == [{"field": "postgres", "message": "unreachable"}])
 
         await wait_until(postgres_named, within=10)
+
+
+async def test_a_nats_socket_error_is_503_naming_nats_not_postgres(
+    client: AsyncTestClient[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket error on the way to NATS while publishing is a 503 that names NATS, never one
+    that blames PostgreSQL."""
+
+    async def reset(*_: Any, **__: Any) -> None:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(gateway, "publish_many", reset)
+    resp = await client.post("/publish", json={"topic": "t", "event_id": "1"})
+    assert resp.status_code == 503, resp.text
+    assert resp.headers["retry-after"] == "1"
+    detail = resp.json()["detail"]
+    assert "NATS" in detail
+    assert "PostgreSQL" not in detail
+
+
+async def test_an_os_error_of_neither_server_is_a_500(
+    client: AsyncTestClient[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OSError that is neither PostgreSQL's nor NATS's (a file error, say) is a 500, not a
+    503 telling the client to retry against a database that is fine."""
+
+    def unreadable(*_: Any) -> bytes:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(operations, "generate_latest", unreadable)
+    resp = await client.get("/metrics")
+    assert resp.status_code == 500, resp.text
+    assert resp.json()["detail"] == "internal server error"
 
 
 async def test_events_of_a_topic_as_a_json_array(

@@ -16,7 +16,7 @@ from litestar.status_codes import (
 
 from oncelog.api.schemas import ErrorBody, FieldError
 
-__all__ = ["Unavailable", "exception_handlers", "invalid"]
+__all__ = ["StoreUnreachableError", "Unavailable", "exception_handlers", "invalid"]
 
 _log = logging.getLogger("oncelog.api")
 
@@ -25,6 +25,10 @@ class Unavailable(HTTPException):
     """A dependency (NATS or PostgreSQL) cannot be reached; the client should retry."""
 
     status_code = HTTP_503_SERVICE_UNAVAILABLE
+
+
+class StoreUnreachableError(Exception):
+    """A socket error on the way to PostgreSQL: refused, reset, timed out, host unknown."""
 
 
 def invalid(field: str, message: str) -> ValidationException:
@@ -89,14 +93,22 @@ def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[Error
     )
 
 
+# Only errors known to be PostgreSQL's answer "PostgreSQL is unavailable". A bare OSError says
+# nothing about where it came from (asyncpg's socket errors are wrapped as StoreUnreachableError
+# where the pool lends a connection; NATS failures are the gateway's Unavailable), so any other
+# OSError is a 500 with its traceback in the log.
 exception_handlers: dict[type[Exception] | int, Any] = {
     HTTPException: _http_error,
     asyncpg.DataError: _bad_value,
     OverflowError: _bad_value,
+    StoreUnreachableError: _store_down,
+    # The connection failed, was lost or was refused by the server.
     asyncpg.PostgresConnectionError: _store_down,
-    asyncpg.CannotConnectNowError: _store_down,
     asyncpg.InterfaceError: _store_down,
-    ConnectionError: _store_down,
-    OSError: _store_down,
+    # The server is starting, shutting down, restarting after a crash, or out of connections.
+    asyncpg.CannotConnectNowError: _store_down,
+    asyncpg.AdminShutdownError: _store_down,
+    asyncpg.CrashShutdownError: _store_down,
+    asyncpg.TooManyConnectionsError: _store_down,
     Exception: _internal,
 }

@@ -97,6 +97,7 @@ async def _publish_all(
     acks: list[PubAck] = []
     dups: Counter[str] = Counter()
     failed = 0
+    why = f"got no PubAck from the broker in {settings.publish_timeout_seconds:g}s"
     for start in range(0, len(outgoing), size):
         part = outgoing[start : start + size]
         try:
@@ -108,6 +109,13 @@ async def _publish_all(
         except PublishError as exc:
             got = exc.acks
             failed = len(outgoing) - start - sum(ack is not None for ack in got)
+        except OSError as exc:
+            # A socket error on the way to NATS (nats-py writes inline when its flusher task is
+            # gone) is the broker's, never PostgreSQL's: nothing of the slice counts as acked.
+            _log.warning("nats connection failed while publishing: %r", exc)
+            got = ()
+            failed = len(outgoing) - start
+            why = "could not be sent: the connection to NATS failed"
         for event, ack in zip(part, got, strict=False):
             if ack is None:
                 continue
@@ -119,14 +127,14 @@ async def _publish_all(
     metrics = state.metrics
     metrics.published.inc(len(acks))
     if dups:
-        async with state.pool.acquire() as conn:
+        async with state.connection() as conn:
             await add_broker_duplicates(conn, dups, state.shard)
         metrics.duplicates.labels("broker").inc(sum(dups.values()))
     if failed:
         metrics.publish_failures.inc(failed)
         raise Unavailable(
-            detail=f"{failed} of {len(outgoing)} events got no PubAck from the broker in "
-            f"{settings.publish_timeout_seconds:g}s; retry the same body (duplicates are dropped)",
+            detail=f"{failed} of {len(outgoing)} events {why}; "
+            "retry the same body (duplicates are dropped)",
         )
     return acks
 
@@ -210,7 +218,7 @@ async def replay(
     """Publish the letter with the contract's Msg-Id; replaying twice never stores it twice."""
     _json_body(request, optional=True)
     raw = await request.body()
-    async with state.pool.acquire() as conn:
+    async with state.connection() as conn:
         letter = await queries.fetch_dead_letter(conn, letter_id)
     if letter is None:
         raise NotFoundException(detail=f"no dead letter {letter_id}")
@@ -230,7 +238,7 @@ async def replay(
     else:
         event = await _stored_bytes(state, letter)
     (ack,) = await _publish_all(state, js, [event])
-    async with state.pool.acquire() as conn:
+    async with state.connection() as conn:
         replayed_at = await queries.mark_replayed(conn, letter_id)
     _log.info(
         "dead letter replayed",

@@ -50,7 +50,7 @@ async def ready(state: AppState) -> Response[Readiness | ErrorBody]:
     if nc is None or not nc.is_connected:
         failing.append(FieldError(field="nats", message="unreachable"))
     try:
-        async with state.pool.acquire(timeout=2) as conn:
+        async with state.connection(acquire_timeout=2) as conn:
             stuck = await stuck_consumers(conn)
     except Exception as exc:
         _log.warning("readiness: postgres unreachable: %r", exc)

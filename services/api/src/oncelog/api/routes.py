@@ -124,7 +124,7 @@ async def events(
             raise invalid("cursor", str(exc)) from None
         if after.descending != descending:
             raise invalid("cursor", "was issued for the other order")
-    async with state.pool.acquire() as conn:
+    async with state.connection() as conn:
         # One row more than asked tells whether a next page exists without another query.
         rows = await queries.fetch_events(
             conn,
@@ -168,7 +168,7 @@ async def event(
     event_id: Annotated[str, PathParameter(description="The event's id", max_length=255)],
 ) -> EventDetail:
     """Return the event, its stream sequence, when it was stored, and its dropped copies."""
-    async with state.pool.acquire() as conn:
+    async with state.connection() as conn:
         row = await queries.fetch_event(conn, topic, event_id)
     if row is None:
         raise NotFoundException(detail=f"no event {event_id!r} in topic {topic!r}")
@@ -215,7 +215,7 @@ def _counts(c: Counts) -> dict[str, Any]:
 )
 async def stats(state: AppState) -> Stats:
     """Return counters summed over topics; cost grows with topics, never with stored events."""
-    async with state.pool.acquire() as conn:
+    async with state.connection() as conn:
         by_topic = await queries.fetch_stats(conn)
     total = totals(by_topic)
     per_topic = {name: TopicStats(**_counts(c)) for name, c in by_topic.items()}
@@ -250,7 +250,7 @@ async def stats(state: AppState) -> Stats:
 async def topics(state: AppState, topic: TopicQuery = None) -> list[TopicInfo]:
     """Return every topic seen (or those matching `topic`), in name order."""
     pattern = _topic_query(topic)
-    async with state.pool.acquire() as conn:
+    async with state.connection() as conn:
         by_topic = await queries.fetch_stats(conn, pattern)
     return [
         TopicInfo(topic=name, last_stored_at=c.last_stored_at, **_counts(c))
@@ -292,7 +292,7 @@ async def dead_letters(
             before = queries.decode_cursor(cursor, queries.DeadCursor).id
         except queries.CursorError as exc:
             raise invalid("cursor", str(exc)) from None
-    async with state.pool.acquire() as conn:
+    async with state.connection() as conn:
         rows = await queries.fetch_dead_letters(conn, topic=pattern, before=before, limit=limit + 1)
     page = [
         DeadLetter(

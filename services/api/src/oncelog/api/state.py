@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 from litestar.datastructures import State
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
+from oncelog.api.errors import StoreUnreachableError
 from oncelog.api.metrics import ApiMetrics
 from oncelog.api.protect import Protection
 from oncelog.api.settings import ApiSettings
@@ -64,6 +68,20 @@ class AppState(State):
                 "js": None,
             }
         )
+
+    @contextlib.asynccontextmanager
+    async def connection(
+        self, acquire_timeout: float | None = None
+    ) -> AsyncIterator[PoolConnectionProxy[asyncpg.Record]]:
+        """Lend a pooled connection; a socket error on the way raises StoreUnreachableError."""
+        # asyncpg lets the socket's own OSError through (refused, reset, timed out, host
+        # unknown), which names no server once it leaves here. The block holds only queries,
+        # so an OSError in it is PostgreSQL's.
+        try:
+            async with self.pool.acquire(timeout=acquire_timeout) as conn:
+                yield conn
+        except OSError as exc:
+            raise StoreUnreachableError(exc) from exc
 
 
 def app_state(app: Litestar) -> AppState:
