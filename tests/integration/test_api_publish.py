@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import time
 from typing import Any
 
@@ -195,8 +196,8 @@ async def test_broker_unreachable_is_503_with_retry_after(settings: ConsumerSett
     ) as c:
         resp = await c.post("/publish", json={"topic": "t", "event_id": "1"})
         assert resp.status_code == 503
-        assert int(resp.headers["retry-after"]) >= 1
-        assert resp.json()["status_code"] == 503
+        assert resp.headers["retry-after"] == "1"
+        assert "NATS" in resp.json()["detail"]
 
 
 async def test_full_stream_is_503_and_the_same_body_can_be_retried(
@@ -212,18 +213,23 @@ async def test_full_stream_is_503_and_the_same_body_can_be_retried(
         ]
         resp = await c.post("/publish", json=batch)
         assert resp.status_code == 503, resp.text
-        assert int(resp.headers["retry-after"]) >= 1
+        assert resp.headers["retry-after"] == "1"
         assert "retry" in resp.json()["detail"]
-        metrics = (await c.get("/metrics")).text
-        assert "oncelog_gateway_publish_failures_total" in metrics
+        failures = re.search(
+            r"^oncelog_gateway_publish_failures_total (\S+)$",
+            (await c.get("/metrics")).text,
+            re.MULTILINE,
+        )
+        assert failures is not None
+        # The events the full stream refused are counted, and only those: some did fit.
+        assert 0 < float(failures[1]) < len(batch)
+
+        async def accepted() -> bool:
+            return (await c.post("/publish", json=batch)).status_code == 202
+
         # The consumer drains the stream, so it has room again; the retry is idempotent.
         async with running_consumer(settings, js, pool):
-            for _ in range(20):
-                resp = await c.post("/publish", json=batch)
-                if resp.status_code == 202:
-                    break
-                await asyncio.sleep(0.2)
-            assert resp.status_code == 202, resp.text
+            await wait_until(accepted, interval=0.2)
             await wait_until(lambda: stored(pool, 40))
             await wait_until(lambda: _all_counted(pool))
     result = await assert_invariants(pool)
