@@ -71,6 +71,10 @@ class Stack:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "oncelog.local.up"], env=self.env, stderr=log
             )
+        said = self.log.read_bytes().count(b"oncelog is up")
+        wait_for(lambda: self.log.read_bytes().count(b"oncelog is up") > said, 60, "'is up'")
+        # Once it says so, the API answers at the first try.
+        assert get_json(self.api + "/health")[0] == 200
         wait_for(lambda: get_json(self.api + "/ready")[0] == 200, 60, "readiness")
 
     def down(self) -> None:

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -60,6 +61,8 @@ RESTART_BASE_SECONDS = 1.0
 RESTART_MAX_SECONDS = 30.0
 STABLE_AFTER_SECONDS = 30.0
 GIVE_UP_AFTER = 5
+# How long `just up` waits for the API and the consumers to answer before it says the stack is up.
+SERVING_TIMEOUT_SECONDS = 60.0
 
 
 def _env_int(name: str, default: int) -> int:
@@ -310,6 +313,21 @@ def supervise(processes: list[Supervised], stopping: Callable[[], bool]) -> str:
     return ""
 
 
+def _serving(urls: list[str], deadline: float, stopping: Callable[[], bool]) -> bool:
+    """Wait until every URL answers 200 (loopback only); False at the deadline or on a stop."""
+    pending = list(urls)
+    while pending and not stopping() and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(pending[0], timeout=1) as response:  # noqa: S310 - loopback URLs built here
+                if response.status == 200:
+                    pending.pop(0)
+                    continue
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return not pending
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the whole stack until interrupted."""
     parser = argparse.ArgumentParser(prog="just up", description=__doc__.splitlines()[0])
@@ -349,6 +367,16 @@ def main(argv: list[str] | None = None) -> None:
             servers.append(Supervised("prometheus", server=prometheus))
             servers[-1].started_at = time.monotonic()
             extra = f", Prometheus {prometheus.url}"
+        # "Up" means answering: wait for the API and every replica's metrics before saying so.
+        waiting = [f"http://{api_address}/health"] + [
+            f"http://127.0.0.1:{metrics_port + i}/metrics" for i in range(args.replicas)
+        ]
+        if not _serving(
+            waiting, time.monotonic() + SERVING_TIMEOUT_SECONDS, lambda: stop_requested
+        ):
+            _log.warning(
+                "the stack is not answering yet; it keeps starting", extra={"waiting": waiting}
+            )
         sys.stderr.write(
             f"\noncelog is up: API http://{api_address} (OpenAPI at /schema), NATS {env['NATS_URL']}, "
             f"PostgreSQL {env['DATABASE_URL']}, consumer metrics on port {metrics_port}"

@@ -79,8 +79,16 @@ async def connect(
 ) -> Client:
     """Connect to NATS, reconnecting forever: a broker restart must not end a service."""
 
+    client: list[Client] = []
+
     async def report(state: str) -> None:
-        _log.warning("nats %s", state, extra={"nats_url": settings.nats_url})
+        # A connection the service closes itself (drain at a stop, a one-shot's close) also
+        # "disconnects": that is no news for an operator, so it is not a warning.
+        closing = bool(client) and (client[0].is_closed or client[0].is_draining)
+        level = logging.INFO if closing else logging.WARNING
+        _log.log(
+            level, "nats %s", "closed" if closing else state, extra={"nats_url": settings.nats_url}
+        )
         if on_state is not None:
             await on_state(state)
 
@@ -93,7 +101,7 @@ async def connect(
     async def error(exc: Exception) -> None:
         _log.warning("nats error: %s", exc)
 
-    return await nats.connect(
+    nc = await nats.connect(
         # A cluster is given as a comma-separated list, so a replica can start (and reconnect)
         # while any one node is down; nats-py takes a list, not a comma-joined string.
         [url.strip() for url in settings.nats_url.split(",") if url.strip()],
@@ -105,6 +113,8 @@ async def connect(
         error_cb=error,
         **(connect_options(settings) | options),
     )
+    client.append(nc)
+    return nc
 
 
 def stream_config(settings: BrokerSettings) -> StreamConfig:
