@@ -14,33 +14,33 @@ from nats.js import JetStreamContext
 
 from helpers import running_consumer, wait_until
 from oncelog.consumer.loop import Consumer
-from oncelog.consumer.pull import Puller, message_size
+from oncelog.consumer.pull import Puller
 from oncelog.consumer.settings import ConsumerSettings
 from oncelog.events import msg_id
-from oncelog.platform.wire import Delivered, reply_bytes, respond
+from oncelog.platform.wire import Delivery, respond
 
 MiB = 1024 * 1024
 
 
-def sequence(msg: Delivered) -> int:
+def sequence(msg: Delivery) -> int:
     """Return the stream sequence from a delivery's ack subject."""
-    return int(reply_bytes(msg).split(b".")[5])
+    return int(msg.reply.split(b".")[5])
 
 
 class Holder:
     """Keeps every delivered message, as a consumer does until it has committed them."""
 
     def __init__(self) -> None:
-        self.held: list[Delivered] = []
+        self.held: list[Delivery] = []
         self.seen: list[int] = []
 
-    def __call__(self, msg: Delivered) -> None:
+    def __call__(self, msg: Delivery) -> None:
         self.held.append(msg)
         self.seen.append(sequence(msg))
 
     @property
     def held_bytes(self) -> int:
-        return sum(map(message_size, self.held))
+        return sum(msg.size for msg in self.held)
 
 
 async def test_requested_and_held_bytes_stay_within_the_budget(
@@ -141,15 +141,15 @@ async def test_the_consumer_stores_a_backlog_many_times_its_byte_budget(
     peak = 0
     deliver = Consumer._deliver  # noqa: SLF001 - every delivery is observed where the replica holds it
 
-    def recording(self: Consumer, msg: Delivered) -> None:
+    def recording(self: Consumer, msg: Delivery) -> None:
         nonlocal peak
         deliver(self, msg)
-        peak = max(peak, self._held_bytes)
+        peak = max(peak, self.held_bytes)
 
     monkeypatch.setattr(Consumer, "_deliver", recording)
 
     async def all_released() -> bool:
-        return await all_stored() and consumer._held_bytes == 0  # noqa: SLF001 - what the replica holds
+        return await all_stored() and consumer.held_bytes == 0
 
     async with running_consumer(small, js, pool) as consumer:
         await wait_until(all_released, within=60)

@@ -1,15 +1,37 @@
-"""The consumer's wire-level parser against nats-py's own: same frames, any read boundaries."""
+"""The wire-level fast path: the parser against nats-py's own at any read boundaries, the
+start-up check of nats-py's internals, and the public path it falls back to."""
 
 from __future__ import annotations
 
+import json
+import logging
 import random
+import time
+from collections.abc import Callable
+from typing import Any
 
+import asyncpg
+import msgspec
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.protocol import parser as nats_parser
 from nats.protocol.parser import Parser
 
-from oncelog.events import parse_headers
-from oncelog.platform.wire import FastParser, Sink, install
+from helpers import running_consumer, wait_until
+from oncelog.consumer.settings import ConsumerSettings
+from oncelog.events import msg_id, parse_headers
+from oncelog.platform import broker
+from oncelog.platform.publish import Outbound, publish_many
+from oncelog.platform.wire import (
+    Delivery,
+    FastParser,
+    Sink,
+    fast_path,
+    fast_path_problem,
+    install,
+)
 
 Frame = tuple[bytes, bytes, bytes | None, bytes]
 
@@ -149,3 +171,213 @@ def _collect(frames: list[Frame]) -> Sink:
         return True
 
     return sink
+
+
+async def test_the_pinned_nats_py_has_every_internal_the_fast_path_needs() -> None:
+    """On the nats-py release in uv.lock the start-up check finds nothing missing."""
+    assert await fast_path_problem(Client()) is None
+
+
+class _OpaqueParser:
+    """A parser as a later nats-py might keep one: the same parse and reset, other insides."""
+
+    def __init__(self, nc: Client) -> None:
+        self.inner = Parser(nc)
+
+    async def parse(self, data: bytes = b"") -> None:
+        await self.inner.parse(data)
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+
+async def _other_process_msg(
+    sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes, origin: str
+) -> None:
+    return None
+
+
+def _renamed_keys(parse: Callable[..., Any]) -> Callable[..., Any]:
+    async def renamed(self: Parser, data: bytes = b"") -> None:
+        await parse(self, data)
+        if "sid" in self.msg_arg:
+            self.msg_arg["id"] = self.msg_arg.pop("sid")
+
+    return renamed
+
+
+# Each: what a later nats-py release might change, and the words the check must report.
+CHANGES: dict[str, tuple[Callable[[Client, pytest.MonkeyPatch], None], str]] = {
+    "send_command_gone": (
+        lambda c, mp: mp.setattr(c, "_send_command", None),
+        "Client._send_command is missing",
+    ),
+    "process_msg_signature": (
+        lambda c, mp: mp.setattr(c, "_process_msg", _other_process_msg),
+        "Client._process_msg takes other arguments",
+    ),
+    "stats_renamed": (lambda c, mp: mp.setattr(c, "stats", {}), "Client.stats lacks"),
+    "parser_of_another_class": (
+        lambda c, mp: mp.setattr(c, "_ps", _OpaqueParser(c)),
+        "Client._ps is _OpaqueParser",
+    ),
+    "msg_arg_gone": (lambda c, mp: mp.delattr(parser_of(c), "msg_arg"), "Parser.msg_arg"),
+    "state_renamed": (
+        lambda c, mp: mp.delattr(nats_parser, "AWAITING_MSG_PAYLOAD"),
+        "AWAITING_MSG_PAYLOAD is missing",
+    ),
+    "msg_arg_keys_renamed": (
+        lambda c, mp: mp.setattr(Parser, "parse", _renamed_keys(Parser.parse)),
+        "'id': 7",
+    ),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES.values(), ids=CHANGES.keys())
+async def test_a_changed_internal_is_named_in_one_warning_and_keeps_the_public_path(
+    change: tuple[Callable[[Client, pytest.MonkeyPatch], None], str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each internal the fast path uses, missing or changed, is reported by name, once."""
+    simulate, words = change
+    client = Client()
+    simulate(client, monkeypatch)
+    problem = await fast_path_problem(client)
+    assert problem is not None
+    assert words in problem
+    with caplog.at_level(logging.WARNING, "oncelog.wire"):
+        assert not await fast_path(client)
+        assert not await fast_path(client)
+    assert [vars(r).get("problem") for r in caplog.records if r.name == "oncelog.wire"] == [problem]
+
+
+class _RenamingParser(Parser):
+    """nats-py's parser as a release that renamed Client._process_msg would call it."""
+
+    async def parse(self, data: bytes = b"") -> None:
+        client = self.nc
+        self.nc = _Renamed(client)
+        try:
+            await super().parse(data)
+        finally:
+            self.nc = client
+
+
+class _Renamed:
+    """The client as that parser sees it: `_process_msg` reaches `_dispatch_msg`."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, "_dispatch_msg" if name == "_process_msg" else name)
+
+
+class _RenamingClient(Client):
+    """A client of a (simulated) nats-py release in which `_process_msg` is `_dispatch_msg`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ps = _RenamingParser(self)
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "_process_msg":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+    async def _dispatch_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
+    ) -> None:
+        await Client._process_msg(self, sid, subject, reply, data, headers)  # noqa: SLF001 - the simulated release's body is nats-py's own
+
+
+async def _stored(pool: asyncpg.Pool, n: int) -> bool:
+    return bool(await pool.fetchval("SELECT count(*) FROM events") == n)
+
+
+def _events(settings: ConsumerSettings, ids: range) -> list[Outbound]:
+    subject = f"{settings.subject_prefix}.wire"
+    return [
+        Outbound(subject, json.dumps({"event_id": f"w-{i}"}).encode(), msg_id("wire", f"w-{i}"))
+        for i in ids
+    ]
+
+
+async def test_a_renamed_internal_falls_back_and_the_read_loop_survives(
+    settings: ConsumerSettings, pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With Client._process_msg renamed, the check names it in one warning and nats-py's public
+    path publishes, delivers, stores and acks; the pull statuses that would have broken the
+    read loop on the fast path are read, and the connection never drops."""
+    nc = _RenamingClient()
+    await nc.connect(servers=[settings.nats_url], **broker.connect_options(settings))
+    try:
+        js = nc.jetstream()
+        await broker.ensure_stream(js, settings)
+        await broker.ensure_consumer(js, settings)
+        with caplog.at_level(logging.WARNING, "oncelog.wire"):
+            acks = await publish_many(
+                js, _events(settings, range(20)), deadline=time.monotonic() + 10
+            )
+            assert len(acks) == 20
+            async with running_consumer(settings, js, pool):
+                await wait_until(lambda: _stored(pool, 20))
+                # A pull request ending (a status message) is read by nats-py, not dropped.
+                seen = nc.stats["in_msgs"]
+
+                async def status_read() -> bool:
+                    return nc.stats["in_msgs"] > seen
+
+                await wait_until(status_read, within=10)
+                await publish_many(
+                    js, _events(settings, range(20, 40)), deadline=time.monotonic() + 10
+                )
+                await wait_until(lambda: _stored(pool, 40))
+
+            async def all_acked() -> bool:
+                return (await js.stream_info(settings.stream)).state.messages == 0
+
+            await wait_until(all_acked, within=10)
+        assert type(parser_of(nc)) is _RenamingParser
+        assert nc.stats["reconnects"] == 0
+        problems = [vars(r).get("problem") for r in caplog.records if r.name == "oncelog.wire"]
+        assert problems == ["Client._process_msg is missing or not a coroutine function"]
+    finally:
+        await nc.close()
+
+
+async def test_the_switch_keeps_receiving_and_publishing_on_nats_pys_public_path(
+    nc: Client, js: JetStreamContext, settings: ConsumerSettings, pool: asyncpg.Pool
+) -> None:
+    """With ONCELOG_FAST_WIRE=0 nothing of nats-py is touched: its parser stays its own, and
+    events (a dead letter's headers included) still go through, each acked once."""
+    off = msgspec.structs.replace(settings, oncelog_fast_wire=False)
+    events = [*_events(off, range(10)), Outbound(f"{off.subject_prefix}.wire", b"{bad", "wire:bad")]
+    acks = await publish_many(js, events, deadline=time.monotonic() + 10, fast_wire=False)
+    assert [a.seq for a in acks] == list(range(1, 12))
+    async with running_consumer(off, js, pool):
+        await wait_until(lambda: _stored(pool, 10))
+
+        async def all_acked() -> bool:
+            return (await js.stream_info(off.stream)).state.messages == 0
+
+        await wait_until(all_acked, within=10)
+    assert type(parser_of(nc)) is Parser
+    headers = await pool.fetchval("SELECT headers FROM dead_letters")
+    assert json.loads(headers) == {"Nats-Msg-Id": "wire:bad"}
+
+
+def test_a_msg_from_nats_py_becomes_the_delivery_the_fast_path_makes() -> None:
+    """The public path's Msg converts to the same subject, reply, header block and size."""
+    raw = b"NATS/1.0\r\nNats-Msg-Id: t:1\r\n\r\n"
+    wire = Delivery("events.t", b"$JS.ACK.E.a.1.2.3.4.0", raw, b"{}")
+    msg = Msg(Client(), "events.t", "$JS.ACK.E.a.1.2.3.4.0", b"{}", parse_headers(raw))
+    converted = Delivery.from_msg(msg)
+    assert (converted.subject, converted.reply, converted.raw_headers, converted.data) == (
+        wire.subject,
+        wire.reply,
+        wire.raw_headers,
+        wire.data,
+    )
+    assert converted.size == wire.size

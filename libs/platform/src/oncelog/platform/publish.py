@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import random
 import time
 import weakref
@@ -18,9 +19,11 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
-from oncelog.platform.wire import can_write, has_write_hooks, install, write
+from oncelog.platform.wire import can_write, fast_path, route, write
 
 __all__ = ["RETRYABLE", "Outbound", "PublishError", "check_frame", "publish_many"]
+
+_log = logging.getLogger("oncelog.publish")
 
 # Failures worth another try with the same Msg-Id: the broker may or may not have stored the
 # message, and its duplicate window makes the retry safe either way. A full stream (discard=new)
@@ -69,6 +72,7 @@ async def publish_many(
     attempt_timeout: float = 2.0,
     backoff_cap: float = 1.0,
     on_retry: Callable[[int], None] | None = None,
+    fast_wire: bool = True,
 ) -> list[PubAck]:
     """Publish every message and wait for all PubAcks; return them in the order given.
 
@@ -77,6 +81,7 @@ async def publish_many(
     request-reply per message. Messages without an ack (timeout, error, full stream) are sent
     again with the same Msg-Id, under jittered backoff, until `deadline` (monotonic) passes;
     then PublishError names how many are missing. `on_retry` hears how many are sent again.
+    With `fast_wire` off (ONCELOG_FAST_WIRE=0), only nats-py's `publish_async` is used.
     """
     acks: list[PubAck | None] = [None] * len(messages)
     todo = list(range(len(messages)))
@@ -89,7 +94,7 @@ async def publish_many(
             raise PublishError(
                 f"{len(todo)} of {len(messages)} messages got no PubAck", acks
             ) from last
-        futures, last = await _send(js, messages, todo, remaining)
+        futures, last = await _send(js, messages, todo, remaining, fast_wire)
         if futures:
             done, pending = await asyncio.wait(futures, timeout=min(attempt_timeout, remaining))
             for future in pending:
@@ -109,7 +114,11 @@ async def publish_many(
 
 
 async def _send(
-    js: JetStreamContext, messages: Sequence[Outbound], todo: list[int], remaining: float
+    js: JetStreamContext,
+    messages: Sequence[Outbound],
+    todo: list[int],
+    remaining: float,
+    fast_wire: bool,
 ) -> tuple[dict[asyncio.Future[PubAck], int], BaseException | None]:
     """Publish the messages `todo` names; return their ack futures and any send error."""
     futures: dict[asyncio.Future[PubAck], int] = {}
@@ -117,7 +126,8 @@ async def _send(
         check_frame(messages[i])
     try:
         async with asyncio.timeout(remaining):
-            inbox = await _AckInbox.of(js._nc)  # noqa: SLF001 - JetStreamContext keeps its connection private
+            nc = _client_of(js) if fast_wire else None
+            inbox = await _AckInbox.of(nc) if nc is not None else None
             if inbox is not None and inbox.can_send([messages[i] for i in todo]):
                 return await inbox.send(messages, todo), None
             # No wait_stall: nats-py would wrap every message in asyncio.wait_for, which
@@ -131,6 +141,20 @@ async def _send(
     except RETRYABLE as exc:
         return futures, exc
     return futures, None
+
+
+def _client_of(js: JetStreamContext) -> Client | None:
+    """Return the context's connection; None, warned once per context, where nats-py hid it."""
+    try:
+        return js._nc  # noqa: SLF001 - JetStreamContext has no public accessor for its connection
+    except AttributeError:
+        if js not in _HIDDEN:
+            _HIDDEN.add(js)
+            _log.warning(
+                "JetStreamContext._nc is missing; publishing on nats-py's public path",
+                extra={"problem": "JetStreamContext._nc is missing"},
+            )
+        return None
 
 
 def check_frame(message: Outbound) -> None:
@@ -159,8 +183,10 @@ class _Ack(msgspec.Struct):
 _decode_ack = msgspec.json.Decoder(_Ack).decode
 _NO_RESPONDERS = b"NATS/1.0 503"
 _SWEEP_AT = 10_000
-# One ack inbox per client, for as long as the client lives (None: nats-py lacks the hooks).
+# One ack inbox per client, for as long as the client lives (None: no fast path on it).
 _INBOXES: weakref.WeakKeyDictionary[Client, _AckInbox | None] = weakref.WeakKeyDictionary()
+# Contexts whose connection this nats-py keeps elsewhere, warned about once each.
+_HIDDEN: weakref.WeakSet[JetStreamContext] = weakref.WeakSet()
 
 
 class _AckInbox:
@@ -183,12 +209,13 @@ class _AckInbox:
         if nc in _INBOXES:
             return _INBOXES[nc]
         inbox: _AckInbox | None = None
-        # Decided once per client, connected or not: only whether nats-py has the hooks.
-        if has_write_hooks(nc):
+        # Decided once per client, connected or not: whether nats-py's internals are as expected.
+        if await fast_path(nc):
             subject = nc.new_inbox()
             inbox = cls(nc, subject.encode() + b".")
             sub = await nc.subscribe(subject + ".*", cb=inbox._on_msg)
-            install(nc, sub._id, inbox._on_frame)  # noqa: SLF001 - the sid MSG frames carry; Subscription does not expose it
+            # Should the frames keep nats-py's path after all, _on_msg reads the same acks.
+            await route(nc, sub, inbox._on_frame)
         _INBOXES[nc] = inbox
         return inbox
 

@@ -60,6 +60,9 @@ class BrokerSettings(msgspec.Struct, frozen=True, kw_only=True):
     nats_tls_ca: str = ""
     nats_tls_cert: str = ""
     nats_tls_key: str = ""
+    # ONCELOG_FAST_WIRE=0 keeps nats-py's public path for receiving and publishing, leaving
+    # its internals untouched (see oncelog.platform.wire).
+    oncelog_fast_wire: bool = True
 
 
 class CommonSettings(BrokerSettings, frozen=True, kw_only=True):

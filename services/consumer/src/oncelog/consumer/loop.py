@@ -15,12 +15,13 @@ from datetime import UTC, datetime
 
 import asyncpg
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from oncelog.consumer.metrics import ConsumerMetrics
-from oncelog.consumer.pull import Puller, message_size
+from oncelog.consumer.pull import Puller
 from oncelog.consumer.settings import ConsumerSettings
 from oncelog.events import Decoded, decode_message
-from oncelog.platform.wire import Delivered, Delivery, reply_bytes, respond
+from oncelog.platform.wire import Delivery, respond
 from oncelog.store import health
 from oncelog.store.batch import Item, Outcome, store_batch
 from oncelog.store.stats import STATS_SHARDS
@@ -39,12 +40,17 @@ _V1_ACK_TOKENS = 9
 _STORE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
-def to_item(msg: Delivered, prefix: str, max_bytes: int) -> Item:
-    """Decode one delivered message, keeping its stream position."""
+def to_item(msg: Delivery | Msg, prefix: str, max_bytes: int) -> Item:
+    """Decode one delivered message, keeping its stream position.
+
+    The consumer passes a Delivery; a nats-py Msg (what `fetch` returns) is converted first.
+    """
+    if isinstance(msg, Msg):
+        msg = Delivery.from_msg(msg)
     # The ack subject carries the delivery count, stream sequence and broker timestamp:
     # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or the same with
     # <domain>.<account hash> in front. Splitting it here is cheaper than nats-py's Metadata.
-    tokens = reply_bytes(msg).split(b".")
+    tokens = msg.reply.split(b".")
     shift = 0 if len(tokens) == _V1_ACK_TOKENS else 2
     if len(tokens) < _V1_ACK_TOKENS or tokens[0] != b"$JS" or tokens[1] != b"ACK":
         raise ValueError(f"not a JetStream delivery: reply subject {msg.reply!r}")
@@ -56,7 +62,7 @@ def to_item(msg: Delivered, prefix: str, max_bytes: int) -> Item:
         subject=msg.subject,
         received_ns=received_ns,
         # Raw off the wire: parsed only if the message ends up a dead letter.
-        headers=msg.raw_headers if isinstance(msg, Delivery) else msg.headers,
+        headers=msg.raw_headers,
         data=msg.data,
         result=result,
     )
@@ -85,7 +91,7 @@ class Consumer:
         self.pool = pool
         self.metrics = metrics
         self.shard = shard
-        self._buffer: list[Delivered] = []
+        self._buffer: list[Delivery] = []
         self._arrived = asyncio.Event()
         self._committing = 0
         # Bytes delivered and not yet acked or handed back (buffered or committing).
@@ -97,8 +103,13 @@ class Consumer:
         self._stuck: dict[int, datetime] = {}
         self._last_error: str | None = None
 
-    def _deliver(self, msg: Delivered) -> None:
-        self._held_bytes += message_size(msg)
+    @property
+    def held_bytes(self) -> int:
+        """Bytes delivered to this replica and not yet acked or handed back."""
+        return self._held_bytes
+
+    def _deliver(self, msg: Delivery) -> None:
+        self._held_bytes += msg.size
         self._buffer.append(msg)
         self._arrived.set()
 
@@ -115,6 +126,7 @@ class Consumer:
             window=s.batch_size * (workers + 1),
             max_bytes=s.max_inflight_bytes,
             expires=s.fetch_timeout_seconds,
+            fast_wire=s.oncelog_fast_wire,
         )
         await puller.start()
         tasks = [
@@ -143,7 +155,7 @@ class Consumer:
             await asyncio.gather(*tasks, return_exceptions=True)
             # Whatever arrived but was not taken is handed back at once rather than after ack_wait.
             with contextlib.suppress(Exception):
-                await respond(self.nc, self._buffer, b"-NAK")
+                await respond(self.nc, self._buffer, b"-NAK", fast_wire=s.oncelog_fast_wire)
             self._buffer.clear()
             self._held_bytes = 0
 
@@ -188,10 +200,10 @@ class Consumer:
                 await self.handle(batch, stop, shard)
             finally:
                 self._committing -= len(batch)
-                self._held_bytes -= sum(map(message_size, batch))
+                self._held_bytes -= sum(msg.size for msg in batch)
 
     async def handle(
-        self, msgs: Sequence[Delivered], stop: asyncio.Event, shard: int | None = None
+        self, msgs: Sequence[Delivery], stop: asyncio.Event, shard: int | None = None
     ) -> None:
         """Store one batch (retrying while the store fails), then ack every message of it."""
         s = self.settings
@@ -200,13 +212,13 @@ class Consumer:
         if outcome is None:
             # Shutting down with the batch uncommitted: hand it back for another replica.
             with contextlib.suppress(Exception):
-                await respond(self.nc, msgs, b"-NAK")
+                await respond(self.nc, msgs, b"-NAK", fast_wire=s.oncelog_fast_wire)
             return
-        await respond(self.nc, msgs)
+        await respond(self.nc, msgs, fast_wire=s.oncelog_fast_wire)
         self._observe(items, outcome)
 
     async def _commit(
-        self, items: list[Item], msgs: Sequence[Delivered], stop: asyncio.Event, shard: int
+        self, items: list[Item], msgs: Sequence[Delivery], stop: asyncio.Event, shard: int
     ) -> Outcome | None:
         try:
             return await self._retry(items, msgs, stop, shard)
@@ -215,7 +227,7 @@ class Consumer:
                 self.metrics.stuck_batches.set(len(self._stuck))
 
     async def _retry(
-        self, items: list[Item], msgs: Sequence[Delivered], stop: asyncio.Event, shard: int
+        self, items: list[Item], msgs: Sequence[Delivery], stop: asyncio.Event, shard: int
     ) -> Outcome | None:
         attempt = 0
         while True:
@@ -253,7 +265,7 @@ class Consumer:
                 )
                 # Keep the batch ours while the store is down, rather than letting it bounce.
                 with contextlib.suppress(Exception):
-                    await respond(self.nc, msgs, b"+WPI")
+                    await respond(self.nc, msgs, b"+WPI", fast_wire=self.settings.oncelog_fast_wire)
                 if await _sleep_or_stop(stop, delay):
                     return None
                 continue

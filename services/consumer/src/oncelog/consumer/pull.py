@@ -4,11 +4,12 @@ nats-py's `fetch()` awaits every message through a timeout wrapper and tops out 
 one core can decode. This driver subscribes one inbox, sends its own pull requests to
 `$JS.API.CONSUMER.MSG.NEXT.<stream>.<durable>` and keeps a bounded number of messages
 requested, so deliveries flow while earlier batches are being committed. Deliveries come
-straight off the wire (see `wire.py`); status messages take nats-py's path.
+straight off the wire (see `wire.py`); status messages take nats-py's path, and so does
+everything when the fast path is off, each delivery then made into the same `Delivery`.
 
 Requests are bounded in bytes as well as in messages: each carries `max_bytes`, so the bytes
 requested plus the bytes held stay within a budget whatever the size of the messages. The
-server counts a message as subject + reply + headers + body, and so does `message_size`.
+server counts a message as subject + reply + headers + body, and so does `Delivery.size`.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from oncelog.platform.wire import Delivered, Delivery, install
+from oncelog.platform.wire import Delivery, route
 
-__all__ = ["REQUEST_HEADROOM", "Puller", "message_size"]
+__all__ = ["REQUEST_HEADROOM", "Puller"]
 
 _log = logging.getLogger("oncelog.consumer")
 _encoder = msgspec.json.Encoder()
@@ -41,16 +42,6 @@ _HEARTBEAT = "100"
 REQUEST_HEADROOM = 64 * 1024
 
 
-def message_size(msg: Delivered) -> int:
-    """Return the size the server charges a delivery against a request's `max_bytes`."""
-    if isinstance(msg, Delivery):
-        return msg.size
-    # nats-py parsed these headers: "NATS/1.0\r\n", then "Name: value\r\n" each, then "\r\n".
-    parsed = msg.headers
-    headers = sum(len(k) + len(v) + 4 for k, v in parsed.items()) + 12 if parsed else 0
-    return len(msg.subject) + len(msg.reply) + headers + len(msg.data)
-
-
 class _Request(msgspec.Struct):
     size: int
     deadline: float
@@ -60,6 +51,7 @@ class Puller:
     """Keeps up to `window` messages and `max_bytes` requested or held; hands each to `deliver`.
 
     `max_bytes` is raised to what one request needs for the largest message the server takes.
+    With `fast_wire` off, deliveries come through nats-py's subscription callback only.
     """
 
     def __init__(
@@ -67,12 +59,13 @@ class Puller:
         nc: Client,
         stream: str,
         durable: str,
-        deliver: Callable[[Delivered], None],
+        deliver: Callable[[Delivery], None],
         *,
         batch: int,
         window: int,
         max_bytes: int,
         expires: float = 5.0,
+        fast_wire: bool = True,
     ) -> None:
         self.nc = nc
         self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
@@ -89,6 +82,7 @@ class Puller:
         self.inbox = ""
         self.sub: Subscription | None = None
         self.uninstall: Callable[[], None] = lambda: None
+        self.fast_wire = fast_wire
 
     async def start(self) -> None:
         """Subscribe the delivery inbox."""
@@ -106,7 +100,8 @@ class Puller:
         self.sub = await self.nc.subscribe(
             self.inbox, cb=self._on_msg, pending_msgs_limit=self.window * 4, pending_bytes_limit=-1
         )
-        self.uninstall = install(self.nc, self.sub._id, self._on_frame)  # noqa: SLF001 - the sid MSG frames carry; Subscription does not expose it
+        if self.fast_wire:
+            self.uninstall = await route(self.nc, self.sub, self._on_frame) or self.uninstall
 
     async def stop(self) -> None:
         """Stop receiving; anything delivered afterwards is redelivered after ack_wait."""
@@ -123,10 +118,7 @@ class Puller:
             return False
         # NATS takes any bytes in a subject, UTF-8 or not; the undecodable ones are kept (as
         # surrogates) for the validator to refuse, rather than raised inside the read loop.
-        delivery = Delivery(subject.decode(errors="surrogateescape"), reply, headers, data)
-        self.outstanding -= 1
-        self.outstanding_bytes -= delivery.size
-        self.deliver(delivery)
+        self._take(Delivery(subject.decode(errors="surrogateescape"), reply, headers, data))
         return True
 
     async def _on_msg(self, msg: Msg) -> None:
@@ -137,9 +129,12 @@ class Puller:
             elif status != _HEARTBEAT:
                 _log.warning("unexpected pull status %s %s", status, headers.get("Description", ""))
             return
+        self._take(Delivery.from_msg(msg))
+
+    def _take(self, delivery: Delivery) -> None:
         self.outstanding -= 1
-        self.outstanding_bytes -= message_size(msg)
-        self.deliver(msg)
+        self.outstanding_bytes -= delivery.size
+        self.deliver(delivery)
 
     def _request_ended(self, headers: dict[str, str]) -> None:
         if self.requests:
