@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -78,7 +79,7 @@ async def settings(servers: Servers, uid: str) -> AsyncIterator[ConsumerSettings
         await admin.close()
     settings = load(
         ConsumerSettings,
-        environ={},
+        environ={k: v for k, v in os.environ.items() if k == "ONCELOG_FAST_WIRE"},
         nats_url=servers.nats.url,
         database_url=servers.postgres.url(database),
         stream=f"EVENTS_{uid}",
