@@ -8,13 +8,13 @@ python := "uv run --frozen python"
 default:
     @just --list --unsorted
 
-# run the whole stack (embedded NATS + PostgreSQL, consumer, API) in the foreground, restarting what crashes
+# run the whole stack (embedded NATS + PostgreSQL, consumer, API) in the foreground, restarting what crashes; Ctrl-C stops it
 up *args:
-    {{python}} -m oncelog.local.up {{args}}
+    exec {{python}} -m oncelog.local.up {{args}}
 
 # run the stack on a local three-node NATS cluster with R3 streams (ports 4222-4224)
 up-cluster *args:
-    {{python}} -m oncelog.local.cluster {{args}}
+    exec {{python}} -m oncelog.local.cluster {{args}}
 
 # measure the drain rate with 1, 2 and 4 consumer replicas (e.g. `just bench-scaling --events 200000`)
 bench-scaling *args:
