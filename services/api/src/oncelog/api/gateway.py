@@ -1,4 +1,4 @@
-"""The write routes: POST /publish and dead-letter replay, answered only after every PubAck."""
+"""The HTTP gateway: POST /publish and dead-letter replay, answered only after every PubAck."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def _broker(state: AppState) -> tuple[JetStreamContext, int]:
 
 
 async def _publish_all(
-    state: AppState, js: JetStreamContext, outgoing: Sequence[Outbound]
+    state: AppState, js: JetStreamContext, messages: Sequence[Outbound]
 ) -> list[PubAck]:
     """Publish every event; record the broker's duplicates; 503 unless all were acked.
 
@@ -98,8 +98,8 @@ async def _publish_all(
     dups: Counter[str] = Counter()
     failed = 0
     why = f"got no PubAck from the broker in {settings.publish_timeout_seconds:g}s"
-    for start in range(0, len(outgoing), size):
-        part = outgoing[start : start + size]
+    for start in range(0, len(messages), size):
+        part = messages[start : start + size]
         try:
             got: Sequence[PubAck | None] = await publish_many(
                 js,
@@ -108,20 +108,20 @@ async def _publish_all(
             )
         except PublishError as exc:
             got = exc.acks
-            failed = len(outgoing) - start - sum(ack is not None for ack in got)
+            failed = len(messages) - start - sum(ack is not None for ack in got)
         except OSError as exc:
             # A socket error on the way to NATS (nats-py writes inline when its flusher task is
             # gone) is the broker's, never PostgreSQL's: nothing of the slice counts as acked.
             _log.warning("nats connection failed while publishing: %r", exc)
             got = ()
-            failed = len(outgoing) - start
+            failed = len(messages) - start
             why = "could not be sent: the connection to NATS failed"
-        for event, ack in zip(part, got, strict=False):
+        for message, ack in zip(part, got, strict=False):
             if ack is None:
                 continue
             acks.append(ack)
             if ack.duplicate:
-                dups[event.topic] += 1
+                dups[message.topic] += 1
         if failed:
             break
     metrics = state.metrics
@@ -133,7 +133,7 @@ async def _publish_all(
     if failed:
         metrics.publish_failures.inc(failed)
         raise Unavailable(
-            detail=f"{failed} of {len(outgoing)} events {why}; "
+            detail=f"{failed} of {len(messages)} events {why}; "
             "retry the same body (duplicates are dropped)",
         )
     return acks
@@ -155,7 +155,7 @@ async def publish(request: Request[Any, Any, Any], state: AppState) -> PublishRe
     raw = await request.body()
     js, max_payload = _broker(state)
     try:
-        outgoing = prepare(
+        messages = prepare(
             raw,
             now=datetime.now(UTC),
             subject_prefix=state.settings.subject_prefix,
@@ -163,7 +163,7 @@ async def publish(request: Request[Any, Any, Any], state: AppState) -> PublishRe
         )
     except BodyError as exc:
         raise _rejected(exc) from None
-    acks = await _publish_all(state, js, outgoing)
+    acks = await _publish_all(state, js, messages)
     duplicates = sum(1 for ack in acks if ack.duplicate)
     return PublishResult(
         accepted=len(acks), duplicates=duplicates, published=len(acks) - duplicates

@@ -69,8 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def publish(settings: PublisherSettings, args: argparse.Namespace) -> Summary:
-    """Run one publishing session and record its broker-layer duplicates."""
+async def run_session(settings: PublisherSettings, args: argparse.Namespace) -> Summary:
+    """Generate and publish one plan of events, then record its broker-layer duplicates."""
     registry = CollectorRegistry()
     if args.metrics_port is not None:
         start_http_server(args.metrics_port, args.metrics_host, registry)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     except SettingsError as exc:
         sys.exit(str(exc))
     log.setup(settings.log_level, "publisher")
-    summary = asyncio.run(publish(settings, args))
+    summary = asyncio.run(run_session(settings, args))
     if args.json:
         sys.stdout.write(msgspec.json.encode(summary).decode() + "\n")
     else:

@@ -159,7 +159,7 @@ class Emitter:
             return
         chunk, self._chunk = self._chunk, []
         await self._slots.acquire()
-        task = asyncio.create_task(self._publish(chunk))
+        task = asyncio.create_task(self._send_chunk(chunk))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -167,7 +167,7 @@ class Emitter:
         self.summary.retries += n
         self.metrics.retried.inc(n)
 
-    async def _publish(self, chunk: list[Outbound]) -> None:
+    async def _send_chunk(self, chunk: list[Outbound]) -> None:
         try:
             acks: Sequence[PubAck | None]
             try:
