@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from oncelog.api.settings import ApiSettings
 from oncelog.consumer.settings import ConsumerSettings
-from oncelog.platform.settings import BrokerSettings, SettingsError, load
+from oncelog.platform.settings import BrokerSettings, CommonSettings, SettingsError, load
+from oncelog.publisher.settings import PublisherSettings
 
 
 def test_defaults_match_the_contract() -> None:
@@ -59,3 +61,19 @@ def test_inbox_prefix_must_be_a_literal_subject_prefix(prefix: str) -> None:
     """A wildcard, whitespace, an empty token or another character is refused, naming the variable."""
     with pytest.raises(SettingsError, match="NATS_INBOX_PREFIX"):
         load(BrokerSettings, {"NATS_INBOX_PREFIX": prefix})
+
+
+@pytest.mark.parametrize("kind", [ConsumerSettings, ApiSettings, PublisherSettings, CommonSettings])
+@pytest.mark.parametrize("value", ["verbose", "", "trace", "INFO ", "20"])
+def test_a_log_level_python_does_not_know_is_refused_naming_the_variable(
+    kind: type[CommonSettings], value: str
+) -> None:
+    """LOG_LEVEL must be a logging level name; anything else is refused naming LOG_LEVEL."""
+    with pytest.raises(SettingsError, match="LOG_LEVEL"):
+        load(kind, {"LOG_LEVEL": value})
+
+
+@pytest.mark.parametrize("value", ["debug", "INFO", "Warning", "error", "CRITICAL"])
+def test_log_level_names_are_taken_in_any_case(value: str) -> None:
+    """The five level names are accepted in any case."""
+    assert load(CommonSettings, {"LOG_LEVEL": value}).log_level == value

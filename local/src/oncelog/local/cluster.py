@@ -19,7 +19,6 @@ from pathlib import Path
 
 from oncelog.local import up
 from oncelog.local.embedded import EmbeddedError, NatsServer, free_port
-from oncelog.platform import log
 
 __all__ = ["NodePorts", "default_ports", "main", "start_cluster", "wait_for_quorum"]
 
@@ -99,7 +98,7 @@ def wait_for_quorum(nodes: list[NatsServer], timeout: float = 30.0) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the cluster and the stack until interrupted."""
-    log.setup(os.environ.get("LOG_LEVEL", "INFO"), "cluster")
+    up.setup_logging("cluster")
     data = Path(os.environ.get("ONCELOG_DATA_DIR", ".data")).resolve()
     config_dir = Path(os.environ.get("ONCELOG_CLUSTER_CONFIG", "deploy/nats/cluster")).resolve()
     nodes = start_cluster(data / "cluster", config_dir, default_ports())

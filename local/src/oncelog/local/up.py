@@ -37,7 +37,7 @@ from oncelog.local.embedded import (
     prometheus_config,
 )
 from oncelog.platform import log
-from oncelog.platform.settings import CommonSettings, load
+from oncelog.platform.settings import CommonSettings, SettingsError, load
 
 __all__ = [
     "GIVE_UP_AFTER",
@@ -328,6 +328,14 @@ def _serving(urls: list[str], deadline: float, stopping: Callable[[], bool]) -> 
     return not pending
 
 
+def setup_logging(program: str) -> None:
+    """Log as JSON at LOG_LEVEL; a level logging does not know ends the program naming it."""
+    try:
+        log.setup(load(CommonSettings).log_level, program)
+    except SettingsError as exc:
+        sys.exit(str(exc))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the whole stack until interrupted."""
     parser = argparse.ArgumentParser(prog="just up", description=__doc__.splitlines()[0])
@@ -338,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
         help="also run Prometheus (the system's `prometheus` binary) scraping the stack",
     )
     args = parser.parse_args(argv)
-    log.setup(os.environ.get("LOG_LEVEL", "INFO"), "up")
+    setup_logging("up")
     logging.getLogger("oncelog").setLevel(logging.INFO)
 
     data = Path(os.environ.get("ONCELOG_DATA_DIR", ".data")).resolve()

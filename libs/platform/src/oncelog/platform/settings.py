@@ -14,6 +14,7 @@ import msgspec
 __all__ = [
     "BrokerSettings",
     "CommonSettings",
+    "LogLevel",
     "Port",
     "Positive",
     "PositiveFloat",
@@ -24,6 +25,8 @@ __all__ = [
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Positive = Annotated[int, msgspec.Meta(gt=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+# Python's level names, in any case: anything else would only fail later, inside logging.
+LogLevel = Annotated[str, msgspec.Meta(pattern="(?i)^(debug|info|warning|error|critical)$")]
 
 
 class SettingsError(ValueError):
@@ -72,6 +75,8 @@ class CommonSettings(BrokerSettings, frozen=True, kw_only=True):
     db_pool_min: Positive = 1
     db_pool_max: Positive = 4
     statement_timeout_ms: Positive = 30_000
+    # DEBUG, INFO, WARNING, ERROR or CRITICAL (any case).
+    log_level: LogLevel = "INFO"
 
 
 S = TypeVar("S", bound=msgspec.Struct)

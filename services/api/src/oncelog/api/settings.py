@@ -29,4 +29,3 @@ class ApiSettings(CommonSettings, frozen=True, kw_only=True):
     # Token bucket per API key (or client address when there is none); 0 turns it off.
     rate_limit_per_second: Annotated[float, msgspec.Meta(ge=0)] = 100.0
     rate_limit_burst: Positive = 200
-    log_level: str = "INFO"

@@ -29,6 +29,5 @@ class ConsumerSettings(CommonSettings, frozen=True, kw_only=True):
     consumer_id: str = ""
     retry_max_seconds: PositiveFloat = 30.0
     max_event_bytes: Positive = 1024 * 1024
-    log_level: str = "INFO"
     # Refusing fsync=off protects acknowledged events; only a throwaway setup may opt out.
     allow_unsafe_postgres: bool = False

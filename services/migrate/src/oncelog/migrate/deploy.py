@@ -114,6 +114,6 @@ def main(argv: list[str] | None = None) -> None:
         logins = [parse_login(spec, os.environ) for spec in args.login]
     except (SettingsError, ValueError) as exc:
         sys.exit(str(exc))
-    log.setup(os.environ.get("LOG_LEVEL", "INFO"), "migrate")
+    log.setup(settings.log_level, "migrate")
     applied = asyncio.run(run(settings, logins, args.provision))
     _log.info("schema is current", extra={"applied": applied})

@@ -10,5 +10,4 @@ __all__ = ["PublisherSettings"]
 class PublisherSettings(CommonSettings, frozen=True, kw_only=True):
     """Settings of the publisher service (the CLI takes the rest as flags)."""
 
-    log_level: str = "INFO"
     record_broker_duplicates: bool = True
