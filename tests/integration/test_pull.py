@@ -14,7 +14,7 @@ from nats.js import JetStreamContext
 
 from helpers import running_consumer, wait_until
 from oncelog.consumer.loop import Consumer
-from oncelog.consumer.pull import Puller
+from oncelog.consumer.pull import REQUEST_HEADROOM, Puller
 from oncelog.consumer.settings import ConsumerSettings
 from oncelog.events import msg_id
 from oncelog.platform.wire import Delivery, respond
@@ -52,7 +52,14 @@ async def test_requested_and_held_bytes_stay_within_the_budget(
     budget = 3 * MiB
     holder = Holder()
     puller = Puller(
-        nc, settings.stream, settings.durable, holder, batch=20, window=60, max_bytes=budget
+        nc,
+        settings.stream,
+        settings.durable,
+        holder,
+        batch=20,
+        window=60,
+        max_bytes=budget,
+        fast_wire=settings.oncelog_fast_wire,
     )
     await puller.start()
     try:
@@ -73,13 +80,13 @@ async def test_requested_and_held_bytes_stay_within_the_budget(
 
         # Releasing what is held (acking it) lets the rest through, each message once.
         async def everything_delivered() -> bool:
-            await respond(nc, holder.held)
+            await respond(nc, holder.held, fast_wire=settings.oncelog_fast_wire)
             holder.held.clear()
             await puller.top_up(0, 0)
             return len(holder.seen) >= 60
 
         await wait_until(everything_delivered, within=20)
-        await respond(nc, holder.held)
+        await respond(nc, holder.held, fast_wire=settings.oncelog_fast_wire)
     finally:
         await puller.stop()
     assert sorted(holder.seen) == list(range(1, 61))
@@ -104,6 +111,7 @@ async def test_a_message_of_max_payload_gets_through_a_tiny_budget(
         batch=10,
         window=30,
         max_bytes=nc.max_payload // 2,
+        fast_wire=settings.oncelog_fast_wire,
     )
     await puller.start()
     try:
@@ -113,11 +121,42 @@ async def test_a_message_of_max_payload_gets_through_a_tiny_budget(
             return bool(holder.held)
 
         await wait_until(delivered, within=10)
-        await respond(nc, holder.held)
+        await respond(nc, holder.held, fast_wire=settings.oncelog_fast_wire)
     finally:
         await puller.stop()
     assert holder.held[0].data == big
     assert puller.request_bytes > nc.max_payload
+
+
+async def test_the_end_of_a_request_sets_the_credit_event(
+    nc: Client, js: JetStreamContext, settings: ConsumerSettings
+) -> None:
+    """A pull request that ends (here by expiring, with nothing to deliver) sets `credit`, the
+    event the consumer requests more on."""
+    puller = Puller(
+        nc,
+        settings.stream,
+        settings.durable,
+        Holder(),
+        batch=10,
+        window=10,
+        max_bytes=nc.max_payload + REQUEST_HEADROOM,
+        expires=0.25,
+        fast_wire=settings.oncelog_fast_wire,
+    )
+    await puller.start()
+    try:
+        await puller.top_up(0, 0)
+        assert len(puller.requests) == 1
+        assert not puller.credit.is_set()
+
+        async def credited() -> bool:
+            return puller.credit.is_set()
+
+        await wait_until(credited, within=10)
+        assert not puller.requests
+    finally:
+        await puller.stop()
 
 
 async def test_the_consumer_stores_a_backlog_many_times_its_byte_budget(

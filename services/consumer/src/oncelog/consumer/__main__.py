@@ -9,7 +9,6 @@ import os
 import socket
 import sys
 
-import asyncpg
 import nats.errors
 from nats.aio.client import Client
 from prometheus_client import CollectorRegistry, start_http_server
@@ -23,48 +22,6 @@ from oncelog.platform.shutdown import shutdown_event
 from oncelog.store import schema, stats
 
 _log = logging.getLogger("oncelog.consumer")
-
-
-async def _watch(consumer: Consumer, stop: asyncio.Event) -> None:
-    """Every few seconds, export the durable's lag, the stream's fill and the dependencies."""
-    s = consumer.settings
-    m = consumer.metrics
-    probe: asyncpg.Connection | None = None
-    while not stop.is_set():
-        try:
-            info = await consumer.js.consumer_info(s.stream, s.durable, timeout=2)
-            stream = await consumer.js.stream_info(s.stream)
-        except Exception:  # any failure of the check means "unreachable" for the gauge
-            m.dependency_up.labels("nats").set(0)
-        else:
-            m.dependency_up.labels("nats").set(1)
-            m.pending.set(info.num_pending or 0)
-            m.ack_pending.set(info.num_ack_pending or 0)
-            m.redelivered_pending.set(info.num_redelivered or 0)
-            m.stream_messages.set(stream.state.messages)
-            m.stream_bytes.set(stream.state.bytes)
-            m.stream_max_bytes.set(stream.config.max_bytes or 0)
-        # A connection of its own, not one from the pool: a probe that times out while
-        # PostgreSQL is away must never hold (or leak) a connection the commit workers need.
-        try:
-            if probe is None or probe.is_closed():
-                probe = await asyncpg.connect(s.database_url, timeout=3)
-            await probe.fetchval("SELECT 1", timeout=2)
-        except Exception:  # likewise
-            m.dependency_up.labels("postgres").set(0)
-            if probe is not None:
-                probe.terminate()
-                probe = None
-        else:
-            m.dependency_up.labels("postgres").set(1)
-        size = consumer.pool.get_size()
-        idle = consumer.pool.get_idle_size()
-        m.pool_connections.labels("in_use").set(size - idle)
-        m.pool_connections.labels("idle").set(idle)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 5)
-    if probe is not None:
-        probe.terminate()
 
 
 async def _close(nc: Client) -> None:
@@ -129,12 +86,9 @@ async def serve(settings: ConsumerSettings) -> None:
                     "metrics_port": settings.metrics_port,
                 },
             )
-            watcher = asyncio.create_task(_watch(consumer, stop))
             try:
                 await consumer.run(stop)
             finally:
-                stop.set()
-                await watcher
                 server.shutdown()
                 thread.join()
         finally:

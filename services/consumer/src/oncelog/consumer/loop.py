@@ -1,4 +1,4 @@
-"""The consumer loop: fetch a batch, decode it, store it in one transaction, then ack."""
+"""The consumer loop: take a batch, decode it, store it in one transaction, then ack."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 from oncelog.consumer.metrics import ConsumerMetrics
 from oncelog.consumer.pull import Puller
 from oncelog.consumer.settings import ConsumerSettings
+from oncelog.consumer.watch import watch
 from oncelog.events import Decoded, decode_message
 from oncelog.platform.wire import Delivery, respond
 from oncelog.store import health
@@ -33,6 +34,9 @@ __all__ = ["STUCK_AFTER", "Consumer"]
 STUCK_AFTER = 3
 # How often a replica refreshes its row in consumer_health (see oncelog.store.health).
 HEALTH_INTERVAL_SECONDS = 5.0
+# While NATS is unreachable, how often the puller looks whether it is back: a reconnect
+# sends the consumer no event of its own.
+RECONNECT_CHECK_SECONDS = 0.1
 
 _log = logging.getLogger("oncelog.consumer")
 _V1_ACK_TOKENS = 9
@@ -71,10 +75,12 @@ def to_item(msg: Delivery | Msg, prefix: str, max_bytes: int) -> Item:
 class Consumer:
     """One replica of the durable pull consumer.
 
-    Deliveries land in a buffer; `commit_workers` tasks each take what is buffered (up to a
-    batch), store it in one transaction and ack it, so fetching, decoding and committing
-    overlap. A worker that finds the buffer non-empty takes it at once: under light load a
-    batch is whatever arrived meanwhile, which keeps latency low; under heavy load batches fill.
+    `run` is one task group: `commit_workers` workers, each taking what is buffered (up to a
+    batch), decoding it, storing it in one transaction and acking it; the puller task, which
+    requests more whenever credit comes free; the health report and the watcher. Fetching,
+    decoding and committing overlap. A worker that finds the buffer non-empty takes it at once:
+    under light load a batch is whatever arrived meanwhile, which keeps latency low; under heavy
+    load batches fill.
     """
 
     def __init__(
@@ -114,50 +120,71 @@ class Consumer:
         self._arrived.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume until `stop` is set; every delivered message is stored or handed back."""
+        """Consume until `stop` is set; every delivered message is stored or handed back.
+
+        A task that fails ends the group, and with it the process, rather than leaving the
+        replica idle with its messages unacked.
+        """
         s = self.settings
-        workers = s.commit_workers
         puller = Puller(
             self.nc,
             s.stream,
             s.durable,
             self._deliver,
             batch=s.batch_size,
-            window=s.batch_size * (workers + 1),
+            window=s.batch_size * (s.commit_workers + 1),
             max_bytes=s.max_inflight_bytes,
             expires=s.fetch_timeout_seconds,
             fast_wire=s.oncelog_fast_wire,
         )
         await puller.start()
-        tasks = [
-            asyncio.create_task(self._work(puller, stop, (self.shard + i) % STATS_SHARDS))
-            for i in range(workers)
-        ]
-        tasks.append(asyncio.create_task(self._report_health(stop)))
         try:
-            while not stop.is_set():
-                if not self.nc.is_connected:
-                    puller.reset()
-                await puller.top_up(len(self._buffer) + self._committing, self._held_bytes)
-                self.metrics.held_bytes.set(self._held_bytes)
-                await _sleep_or_stop(stop, 0.05)
-                # A worker never ends on its own: if one did, fail loudly so the process is
-                # restarted, rather than idling with its messages unacked.
-                for task in tasks:
-                    if task.done() and not stop.is_set():
-                        stop.set()
-                        raise RuntimeError(
-                            "a commit worker ended unexpectedly"
-                        ) from task.exception()
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._stopping(puller, stop))
+                group.create_task(self._pull(puller, stop))
+                for i in range(s.commit_workers):
+                    shard = (self.shard + i) % STATS_SHARDS
+                    group.create_task(self._work(puller, stop, shard))
+                group.create_task(self._report_health(stop))
+                group.create_task(watch(s, self.js, self.pool, self.metrics, stop))
         finally:
             await puller.stop()
-            self._arrived.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
             # Whatever arrived but was not taken is handed back at once rather than after ack_wait.
             with contextlib.suppress(Exception):
                 await respond(self.nc, self._buffer, b"-NAK", fast_wire=s.oncelog_fast_wire)
             self._buffer.clear()
             self._held_bytes = 0
+
+    async def _stopping(self, puller: Puller, stop: asyncio.Event) -> None:
+        """On stop, stop receiving and wake the tasks that wait for deliveries or credit."""
+        await stop.wait()
+        await puller.stop()
+        self._arrived.set()
+        puller.credit.set()
+
+    async def _pull(self, puller: Puller, stop: asyncio.Event) -> None:
+        """Request more whenever credit comes free, within the window and the byte budget."""
+        nc = self.nc
+        reconnects = nc.stats["reconnects"]
+        while not stop.is_set():
+            puller.credit.clear()
+            if not nc.is_connected or nc.stats["reconnects"] != reconnects:
+                # The server a reconnect lands on holds none of the requests sent before.
+                reconnects = nc.stats["reconnects"]
+                puller.reset()
+            await puller.top_up(len(self._buffer) + self._committing, self._held_bytes)
+            self.metrics.held_bytes.set(self._held_bytes)
+            # Credit comes free when a request ends or a batch is acked or handed back, and
+            # either sets `credit`. A reconnect, a request the server never ended and a request
+            # that could not be sent set nothing, so a timer stands in for them.
+            if not nc.is_connected:
+                timeout = RECONNECT_CHECK_SECONDS
+            else:
+                lost = puller.until_lost()
+                timeout = self.settings.fetch_timeout_seconds if lost is None else lost
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await puller.credit.wait()
 
     async def _report_health(self, stop: asyncio.Event) -> None:
         """Refresh this replica's row in consumer_health until stopped; failures only wait."""
@@ -186,6 +213,7 @@ class Consumer:
             await _sleep_or_stop(stop, HEALTH_INTERVAL_SECONDS if stuck else 1.0)
 
     async def _work(self, puller: Puller, stop: asyncio.Event, shard: int) -> None:
+        """Take a batch, decode, commit and ack it; again, until stopped."""
         size = self.settings.batch_size
         while not stop.is_set():
             if not self._buffer:
@@ -196,19 +224,18 @@ class Consumer:
             del self._buffer[:size]
             self._committing += len(batch)
             try:
-                await puller.top_up(len(self._buffer) + self._committing, self._held_bytes)
                 await self.handle(batch, stop, shard)
             finally:
                 self._committing -= len(batch)
                 self._held_bytes -= sum(msg.size for msg in batch)
+                # Acked or handed back, the batch's share of the window and budget is free.
+                puller.credit.set()
 
-    async def handle(
-        self, msgs: Sequence[Delivery], stop: asyncio.Event, shard: int | None = None
-    ) -> None:
+    async def handle(self, msgs: Sequence[Delivery], stop: asyncio.Event, shard: int) -> None:
         """Store one batch (retrying while the store fails), then ack every message of it."""
         s = self.settings
         items = [to_item(msg, s.subject_prefix, s.max_event_bytes) for msg in msgs]
-        outcome = await self._commit(items, msgs, stop, self.shard if shard is None else shard)
+        outcome = await self._commit(items, msgs, stop, shard)
         if outcome is None:
             # Shutting down with the batch uncommitted: hand it back for another replica.
             with contextlib.suppress(Exception):

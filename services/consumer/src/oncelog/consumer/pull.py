@@ -14,6 +14,7 @@ server counts a message as subject + reply + headers + body, and so does `Delive
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -40,6 +41,8 @@ _HEARTBEAT = "100"
 # A request must have room for the largest message the server accepts (`max_payload`) plus its
 # subject and reply, or the server ends it with 409 and that message would never be delivered.
 REQUEST_HEADROOM = 64 * 1024
+# A request the server has not ended this long after its expiry is taken to be lost.
+_LOST_AFTER = 2.0
 
 
 class _Request(msgspec.Struct):
@@ -52,6 +55,8 @@ class Puller:
 
     `max_bytes` is raised to what one request needs for the largest message the server takes.
     With `fast_wire` off, deliveries come through nats-py's subscription callback only.
+    `credit` is set when room for requests may have come free: here when a request ends, and
+    by whoever holds deliveries when it releases them.
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class Puller:
         self.sub: Subscription | None = None
         self.uninstall: Callable[[], None] = lambda: None
         self.fast_wire = fast_wire
+        self.credit = asyncio.Event()
 
     async def start(self) -> None:
         """Subscribe the delivery inbox."""
@@ -132,6 +138,7 @@ class Puller:
         self._take(Delivery.from_msg(msg))
 
     def _take(self, delivery: Delivery) -> None:
+        # A delivery moves a message from requested to held: it frees no credit by itself.
         self.outstanding -= 1
         self.outstanding_bytes -= delivery.size
         self.deliver(delivery)
@@ -150,14 +157,21 @@ class Puller:
             self.outstanding = self.outstanding_bytes = 0
         self.outstanding = max(self.outstanding, 0)
         self.outstanding_bytes = max(self.outstanding_bytes, 0)
+        self.credit.set()
 
     def _expire_lost_requests(self) -> None:
         """Forget requests the server never ended (it restarted, or we reconnected)."""
         now = time.monotonic()
-        while self.requests and self.requests[0].deadline + 2.0 < now:
+        while self.requests and self.requests[0].deadline + _LOST_AFTER <= now:
             self.requests.popleft()
         if not self.requests:
             self.outstanding = self.outstanding_bytes = 0
+
+    def until_lost(self) -> float | None:
+        """Return the seconds until the oldest request is taken to be lost; None without one."""
+        if not self.requests:
+            return None
+        return max(0.0, self.requests[0].deadline + _LOST_AFTER - time.monotonic())
 
     async def top_up(self, held: int, held_bytes: int) -> None:
         """Request more while requested + held (buffered or committing) fit the window and budget.
