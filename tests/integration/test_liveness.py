@@ -14,6 +14,7 @@ from helpers import api_client, assert_invariants, running_consumer, wait_until
 from oncelog.consumer.loop import STUCK_AFTER
 from oncelog.consumer.settings import ConsumerSettings
 from oncelog.events import Decoded, decode_message
+from oncelog.store import stats
 from oncelog.store.batch import Item, store_batch
 
 
@@ -149,3 +150,18 @@ def test_decoder_and_store_agree_on_the_refused_timestamp() -> None:
     )
     assert not isinstance(result, Decoded)
     assert result.code == "bad_timestamp"
+
+
+async def test_the_first_and_last_instants_keep_their_value_in_the_statistics(
+    pool: asyncpg.Pool,
+) -> None:
+    """Events at 0001-01-01T00:00:00Z and 9999-12-31T23:59:59.999999Z are the topic's first
+    and last timestamps as they are, not -infinity and infinity."""
+    first = datetime(1, 1, 1, tzinfo=UTC)
+    last = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    items = [_item(1, _event("first", timestamp=first)), _item(2, _event("last", timestamp=last))]
+    async with pool.acquire() as conn:
+        await store_batch(conn, items, shard=0)
+    counts = (await stats.per_topic(pool))["iso"]
+    assert (counts.first_ts, counts.last_ts) == (first, last)
+    assert await pool.fetchval("SELECT bool_and(isfinite(first_ts)) FROM topic_stats")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -67,14 +67,23 @@ RETURNING topic, stream_seq
 """
 
 # Rows are sorted by topic so concurrent writers that share a shard lock rows in one order.
+# First and last timestamps travel as microseconds since the epoch: asyncpg encodes the first
+# and the last instant Python can hold (0001-01-01T00:00:00Z, 9999-12-31T23:59:59.999999Z) as
+# -infinity and infinity, which would then read back as naive datetimes. Whole days and the
+# rest are added apart: `interval * bigint` computes in double precision, exact only below
+# 2^53 microseconds (year 2255), and would turn 9999-12-31T23:59:59.999999 into year 10000.
 _UPSERT_STATS = """
 INSERT INTO topic_stats AS s (topic, shard, received, stored, store_duplicates, dead_lettered,
                               redelivered, conflicting, first_ts, last_ts, last_stored_at)
-SELECT topic, $1, received, stored, dups, dead, redelivered, conflicting, first_ts, last_ts,
+SELECT topic, $1, received, stored, dups, dead, redelivered, conflicting,
+       timestamptz 'epoch' + (first_us / 86400000000) * interval '1 day'
+                          + (first_us % 86400000000) * interval '1 microsecond',
+       timestamptz 'epoch' + (last_us / 86400000000) * interval '1 day'
+                          + (last_us % 86400000000) * interval '1 microsecond',
        CASE WHEN stored > 0 THEN now() END
 FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[],
-            $8::bigint[], $9::timestamptz[], $10::timestamptz[])
-     AS t(topic, received, stored, dups, dead, redelivered, conflicting, first_ts, last_ts)
+            $8::bigint[], $9::bigint[], $10::bigint[])
+     AS t(topic, received, stored, dups, dead, redelivered, conflicting, first_us, last_us)
 ORDER BY topic
 ON CONFLICT (topic, shard) DO UPDATE SET
     received = s.received + excluded.received,
@@ -350,6 +359,15 @@ async def _insert_dead(
         outcome.dead[seq] = codes[seq]
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _micros(instant: datetime | None) -> int | None:
+    """Return an instant as microseconds since the epoch, exactly (None stays None)."""
+    return None if instant is None else (instant - _EPOCH) // _MICROSECOND
+
+
 def _storable(text: str) -> str:
     """Return text PostgreSQL can store: NUL made visible, a lone surrogate escaped."""
     if not text.isascii():
@@ -378,8 +396,8 @@ async def _upsert_stats(conn: Conn, counts: dict[str, _Counts], shard: int) -> N
                 c.dead,
                 c.redelivered,
                 c.conflicting,
-                c.first_ts,
-                c.last_ts,
+                _micros(c.first_ts),
+                _micros(c.last_ts),
             ),
             strict=True,
         ):
