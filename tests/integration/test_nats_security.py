@@ -26,7 +26,7 @@ from oncelog.local.embedded import NatsServer
 from oncelog.platform import broker
 from oncelog.platform.publish import Outbound, publish_many
 from oncelog.platform.settings import BrokerSettings, load
-from oncelog.platform.wire import Delivered, respond
+from oncelog.platform.wire import Delivery, respond
 
 USERS = ("provisioner", "publisher", "loadgen", "consumer", "api")
 # A refused publish is dropped by the server, so a refused request ends in a timeout; short
@@ -298,7 +298,7 @@ async def do_every_job(as_user: dict[str, Login], tag: str) -> None:
     con = as_user["consumer"]
     pending = int((await con.js.consumer_info("EVENTS", "aggregator")).num_pending)
     assert pending > 0
-    delivered: list[Delivered] = []
+    delivered: list[Delivery] = []
     puller = Puller(
         con.nc,
         "EVENTS",

@@ -16,6 +16,7 @@ from oncelog.consumer.loop import to_item
 from oncelog.consumer.settings import ConsumerSettings
 from oncelog.events import msg_id
 from oncelog.platform import broker
+from oncelog.platform.wire import Delivery
 from oncelog.store.batch import store_batch
 
 
@@ -213,7 +214,7 @@ async def test_redelivery_after_commit_before_ack_stores_nothing_twice(
     first = await sub.fetch(21, timeout=5)
     await sub.unsubscribe()
     async with pool.acquire() as conn:
-        await store_batch(conn, [to_item(m, quick.subject_prefix, 1 << 20) for m in first], 5)
+        await store_batch(conn, [to_item(Delivery.from_msg(m), quick.subject_prefix, 1 << 20) for m in first], 5)
     assert await stored_count(pool) == 20
     before = await totals(pool)
     async with running_consumer(quick, js, pool):
@@ -270,7 +271,7 @@ async def test_a_message_delivered_twice_in_one_batch_is_counted_once(
     sub = await js.pull_subscribe_bind(durable=settings.durable, stream=settings.stream)
     msgs = await sub.fetch(2, timeout=5)
     await sub.unsubscribe()
-    items = [to_item(m, settings.subject_prefix, 1 << 20) for m in msgs]
+    items = [to_item(Delivery.from_msg(m), settings.subject_prefix, 1 << 20) for m in msgs]
     async with pool.acquire() as conn:
         await store_batch(conn, items + items, 3)
     stats = await assert_invariants(pool)

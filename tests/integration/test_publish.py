@@ -24,11 +24,15 @@ async def test_every_message_is_acked_in_order_and_repeats_are_flagged(
     js: JetStreamContext, settings: ConsumerSettings
 ) -> None:
     messages = _outbound(settings, 500)
-    acks = await publish_many(js, messages, deadline=time.monotonic() + 10)
+    acks = await publish_many(
+        js, messages, deadline=time.monotonic() + 10, fast_wire=settings.oncelog_fast_wire
+    )
     assert [a.seq for a in acks] == list(range(1, 501))
     assert {a.stream for a in acks} == {settings.stream}
     assert not any(a.duplicate for a in acks)
-    again = await publish_many(js, messages[:10], deadline=time.monotonic() + 10)
+    again = await publish_many(
+        js, messages[:10], deadline=time.monotonic() + 10, fast_wire=settings.oncelog_fast_wire
+    )
     assert [(a.seq, a.duplicate) for a in again] == [(n, True) for n in range(1, 11)]
     info = await js.stream_info(settings.stream)
     assert info.state.messages == 500
@@ -43,7 +47,10 @@ async def test_a_msg_id_is_the_same_on_both_publish_paths(
         mid = msg_id("ids", event_id)
         first = await js.publish(subject, b"{}", headers={"Nats-Msg-Id": mid})
         [ack] = await publish_many(
-            js, [Outbound(subject, b"{}", mid)], deadline=time.monotonic() + 10
+            js,
+            [Outbound(subject, b"{}", mid)],
+            deadline=time.monotonic() + 10,
+            fast_wire=settings.oncelog_fast_wire,
         )
         assert ack.duplicate, event_id
         assert ack.seq == first.seq
@@ -56,7 +63,12 @@ async def test_a_msg_id_a_header_would_alter_is_never_written(
     """A Msg-Id that a header cannot carry unchanged is refused before a byte is written."""
     subject = f"{settings.subject_prefix}.ids"
     with pytest.raises(ValueError, match="cannot go into a NATS header"):
-        await publish_many(js, [Outbound(subject, b"{}", bad)], deadline=time.monotonic() + 5)
+        await publish_many(
+            js,
+            [Outbound(subject, b"{}", bad)],
+            deadline=time.monotonic() + 5,
+            fast_wire=settings.oncelog_fast_wire,
+        )
     assert (await js.stream_info(settings.stream)).state.messages == 0
 
 
@@ -66,7 +78,12 @@ async def test_a_subject_a_frame_cannot_carry_is_never_written(
 ) -> None:
     """A subject with a space, line break or control character is refused before it is sent."""
     with pytest.raises(ValueError, match="cannot go into a NATS frame"):
-        await publish_many(js, [Outbound(bad, b"{}", "ids:a")], deadline=time.monotonic() + 5)
+        await publish_many(
+            js,
+            [Outbound(bad, b"{}", "ids:a")],
+            deadline=time.monotonic() + 5,
+            fast_wire=settings.oncelog_fast_wire,
+        )
     assert nc.is_connected
 
 
@@ -79,6 +96,7 @@ async def test_a_subject_no_stream_takes_fails_by_the_deadline(
             js,
             [Outbound(f"nostream{settings.subject_prefix}.x", b"{}", f"x:{i}") for i in range(3)],
             deadline=time.monotonic() + 1.5,
+            fast_wire=settings.oncelog_fast_wire,
         )
     assert time.monotonic() - started < 5
     assert caught.value.acks == [None, None, None]
@@ -98,7 +116,12 @@ async def test_a_full_stream_acks_what_fits_and_names_the_rest(
         )
     )
     with pytest.raises(PublishError, match="3 of 8") as caught:
-        await publish_many(js, _outbound(settings, 8), deadline=time.monotonic() + 1.0)
+        await publish_many(
+            js,
+            _outbound(settings, 8),
+            deadline=time.monotonic() + 1.0,
+            fast_wire=settings.oncelog_fast_wire,
+        )
     assert [a.seq if a else None for a in caught.value.acks] == [1, 2, 3, 4, 5, None, None, None]
 
 
@@ -108,7 +131,14 @@ async def test_a_message_over_the_servers_limit_is_refused_before_sending(
     """The connection stays up: the message never reaches the server."""
     big = Outbound(f"{settings.subject_prefix}.big", b"x" * (nc.max_payload + 1), "big:1")
     with pytest.raises(nats.errors.MaxPayloadError):
-        await publish_many(js, [big], deadline=time.monotonic() + 5)
+        await publish_many(
+            js, [big], deadline=time.monotonic() + 5, fast_wire=settings.oncelog_fast_wire
+        )
     assert nc.is_connected
-    [ack] = await publish_many(js, _outbound(settings, 1), deadline=time.monotonic() + 5)
+    [ack] = await publish_many(
+        js,
+        _outbound(settings, 1),
+        deadline=time.monotonic() + 5,
+        fast_wire=settings.oncelog_fast_wire,
+    )
     assert ack.seq == 1

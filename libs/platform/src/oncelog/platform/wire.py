@@ -31,7 +31,6 @@ from nats.protocol.parser import Parser
 from oncelog.events import parse_headers
 
 __all__ = [
-    "Delivered",
     "Delivery",
     "FastParser",
     "Sink",
@@ -88,10 +87,6 @@ class Delivery:
     @property
     def headers(self) -> dict[str, str] | None:
         return parse_headers(self.raw_headers) if self.raw_headers else None
-
-
-# The name the consumer's deliveries went by while nats-py's Msg was one of them.
-Delivered = Delivery
 
 
 class FastParser(Parser):

@@ -20,6 +20,9 @@ DEAD_RAW_LIMIT = 64 * 1024
 # PostgreSQL error classes caused by a value itself (22: data exception, 54: program limit
 # exceeded, such as JSON nested too deeply): such an event is dead-lettered, never retried.
 _DATA_ERROR_CLASSES = ("22", "54")
+# A CHECK constraint refusing a value (23514) is the value's fault too; other integrity
+# violations are not expected and stay the store's.
+_CHECK_VIOLATION = "23514"
 
 # A batch travels as one JSON array: msgspec encodes it in C, with each payload embedded as
 # the raw bytes it arrived in, which costs far less than binding a dozen typed arrays. The
@@ -113,8 +116,8 @@ class Item(msgspec.Struct):
     subject: str
     # The broker's receive time, in nanoseconds since the epoch.
     received_ns: int
-    # As parsed by nats-py, or the raw header block as it came off the wire.
-    headers: dict[str, str] | bytes | None
+    # The raw header block as it came off the wire; parsed only for a dead letter.
+    headers: bytes | None
     data: bytes
     result: Decoded | Rejected
 
@@ -180,12 +183,13 @@ def _topic_key(item: Item) -> str:
 def is_data_error(exc: BaseException) -> bool:
     """Whether a failure is caused by a value in the batch rather than by the store itself.
 
-    PostgreSQL's classes 22 and 54, and asyncpg's or msgspec's refusal to encode a value on the
+    PostgreSQL's classes 22 and 54 and a CHECK constraint's refusal, and asyncpg's or msgspec's refusal to encode a value on the
     client side. Connection, timeout and permission failures are not: they never make an event
     a dead letter, they make the batch wait for the store.
     """
     if isinstance(exc, asyncpg.PostgresError):
-        return str(exc.sqlstate)[:2] in _DATA_ERROR_CLASSES
+        state = str(exc.sqlstate)
+        return state[:2] in _DATA_ERROR_CLASSES or state == _CHECK_VIOLATION
     return isinstance(exc, _CLIENT_DATA_ERRORS)
 
 
@@ -376,10 +380,8 @@ def _storable(text: str) -> str:
 
 
 def _headers(item: Item) -> dict[str, str]:
-    headers = item.headers
-    if isinstance(headers, bytes):
-        headers = parse_headers(headers)
-    return {_storable(k): _storable(v) for k, v in (headers or {}).items()}
+    headers = parse_headers(item.headers) if item.headers else {}
+    return {_storable(k): _storable(v) for k, v in headers.items()}
 
 
 async def _upsert_stats(conn: Conn, counts: dict[str, _Counts], shard: int) -> None:

@@ -105,6 +105,7 @@ async def _publish_all(
                 js,
                 part,
                 deadline=time.monotonic() + settings.publish_timeout_seconds,
+                fast_wire=settings.oncelog_fast_wire,
             )
         except PublishError as exc:
             got = exc.acks

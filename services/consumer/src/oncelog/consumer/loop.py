@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 
 import asyncpg
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from oncelog.consumer.metrics import ConsumerMetrics
 from oncelog.consumer.pull import Puller
@@ -44,13 +43,8 @@ _V1_ACK_TOKENS = 9
 _STORE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
-def to_item(msg: Delivery | Msg, prefix: str, max_bytes: int) -> Item:
-    """Decode one delivered message, keeping its stream position.
-
-    The consumer passes a Delivery; a nats-py Msg (what `fetch` returns) is converted first.
-    """
-    if isinstance(msg, Msg):
-        msg = Delivery.from_msg(msg)
+def to_item(msg: Delivery, prefix: str, max_bytes: int) -> Item:
+    """Decode one delivered message, keeping its stream position."""
     # The ack subject carries the delivery count, stream sequence and broker timestamp:
     # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or the same with
     # <domain>.<account hash> in front. Splitting it here is cheaper than nats-py's Metadata.

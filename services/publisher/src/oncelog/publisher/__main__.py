@@ -87,6 +87,7 @@ async def run_session(settings: PublisherSettings, args: argparse.Namespace) -> 
             max_attempts=args.max_attempts,
             metrics=PublisherMetrics(registry),
             progress=not args.quiet and sys.stderr.isatty(),
+            fast_wire=settings.oncelog_fast_wire,
         )
         events = plan(
             count=args.count,

@@ -80,12 +80,14 @@ class Emitter:
         max_attempts: int = 10,
         metrics: PublisherMetrics | None = None,
         progress: bool = False,
+        fast_wire: bool = True,
     ) -> None:
         self.js = js
         self.window = window_seconds
         self.inflight = inflight
         self.timeout = timeout
         self.max_attempts = max_attempts
+        self.fast_wire = fast_wire
         self.metrics = metrics or PublisherMetrics(CollectorRegistry())
         self.progress = progress
         self.summary = Summary()
@@ -176,6 +178,7 @@ class Emitter:
                     chunk,
                     deadline=time.monotonic() + self.timeout * self.max_attempts,
                     attempt_timeout=self.timeout,
+                    fast_wire=self.fast_wire,
                     on_retry=self._retried,
                 )
             except PublishError as exc:
