@@ -114,3 +114,28 @@ def test_build_context_is_narrowed() -> None:
     assert ignore[ignore.index("**") :][:1] == ["**"]
     for kept in ("!pyproject.toml", "!uv.lock", "!libs/", "!services/", "!local/"):
         assert kept in ignore
+
+
+def test_bases_are_build_arguments() -> None:
+    """Both bases are global ARGs, so a machine without a registry builds from stand-ins (deploy/standins/)."""
+    args, _ = parse((ROOT / "deploy" / "Dockerfile").read_text())
+    assert set(args) >= {"PYTHON_IMAGE", "UV_IMAGE"}
+    raw = [
+        line.split()[1]
+        for line in (ROOT / "deploy" / "Dockerfile").read_text().splitlines()
+        if line.startswith("FROM ")
+    ]
+    assert raw == ["${UV_IMAGE}", "${PYTHON_IMAGE}", "${PYTHON_IMAGE}"]
+
+
+def test_a_local_build_pulls_no_frontend() -> None:
+    """Without its `# syntax` line (all a local build drops), the file uses only what dockerd's built-in frontend knows."""
+    lines = (ROOT / "deploy" / "Dockerfile").read_text().splitlines()
+    assert lines[0] == "# syntax=docker/dockerfile:1"
+    rest = "\n".join(lines[1:])
+    assert "# syntax=" not in rest
+    assert all(m.startswith("type=cache,") for m in re.findall(r"--mount=(\S+)", rest))
+    for newer in ("<<", "--link", "--chmod", "--parents", "--exclude", "--checksum"):
+        assert newer not in rest, newer
+    build = (ROOT / "deploy" / "standins" / "build.sh").read_text()
+    assert "sed '1{/^# syntax=/d}'" in build
