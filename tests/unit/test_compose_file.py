@@ -18,6 +18,7 @@ from oncelog.local.embedded import nats_server_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUIRED_VARIABLE = re.compile(r"\$\{([A-Z0-9_]+):\?[^}]*\}")
+DEFAULTED_VARIABLE = re.compile(r"\$\{([A-Z0-9_]+):-([^}]*)\}")
 LONG_RUNNING = ("nats", "postgres", "consumer", "api", "prometheus", "grafana")
 
 
@@ -33,6 +34,14 @@ def compose() -> dict[str, Any]:
 def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Return the services of compose.yaml."""
     result: dict[str, dict[str, Any]] = compose["services"]
+    return result
+
+
+@pytest.fixture(scope="module")
+def deployed() -> dict[str, dict[str, Any]]:
+    """Return the services as deployed when no optional variable is set (each `${X:-default}` is its default)."""
+    text = DEFAULTED_VARIABLE.sub(r"\2", (ROOT / "compose.yaml").read_text())
+    result: dict[str, dict[str, Any]] = yaml.safe_load(text)["services"]
     return result
 
 
@@ -60,15 +69,44 @@ def test_the_contracted_services_exist(services: dict[str, dict[str, Any]]) -> N
     }
 
 
-def test_every_image_tag_is_pinned(services: dict[str, dict[str, Any]]) -> None:
+def test_every_image_tag_is_pinned(deployed: dict[str, dict[str, Any]]) -> None:
     """Every image names a version tag, never `latest` and never an untagged image."""
-    for name, service in services.items():
+    for name, service in deployed.items():
         image = service["image"]
         repository, _, tag = image.rpartition(":")
         assert repository, f"{name}: {image} has no tag"
         assert "/" not in tag, f"{name}: {image} has no tag"
         assert tag != "latest", f"{name}: {image} uses latest"
         assert re.match(r"v?\d+\.\d+(\.\d+)?", tag), f"{name}: {image} is not a version"
+
+
+def test_images_are_chosen_by_variables_whose_defaults_are_the_official_ones(
+    services: dict[str, dict[str, Any]], deployed: dict[str, dict[str, Any]]
+) -> None:
+    """A variable may swap each image (stand-ins of `just test-compose`); unset, the official image or oncelog's own runs."""
+    official = {
+        "nats": ("NATS_IMAGE", "nats:"),
+        "postgres": ("POSTGRES_IMAGE", "postgres:"),
+        "prometheus": ("PROMETHEUS_IMAGE", "prom/prometheus:"),
+        "grafana": ("GRAFANA_IMAGE", "grafana/grafana:"),
+    }
+    for name, (variable, repository) in official.items():
+        assert services[name]["image"].startswith(f"${{{variable}:-{repository}"), name
+    for name in ("migrate", "consumer", "api", "publisher"):
+        assert services[name]["image"] == f"oncelog/{name}:${{ONCELOG_IMAGE_TAG:-0.1.0}}", name
+        assert deployed[name]["image"] == f"oncelog/{name}:0.1.0", name
+
+
+def test_published_ports_name_their_host_address(deployed: dict[str, dict[str, Any]]) -> None:
+    """Every published port names the address it binds; Prometheus and Grafana bind loopback only."""
+    for name, service in deployed.items():
+        for port in service.get("ports", []):
+            address, host_port, container_port = port.split(":")
+            assert address, (name, port)
+            assert host_port.isdigit(), (name, port)
+            assert container_port.isdigit(), (name, port)
+            if name in ("prometheus", "grafana"):
+                assert address == "127.0.0.1", (name, port)
 
 
 def test_references_resolve(compose: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
@@ -114,10 +152,12 @@ def test_startup_order_waits_for_health(services: dict[str, dict[str, Any]]) -> 
         }
 
 
-def test_shape_of_the_services(services: dict[str, dict[str, Any]]) -> None:
+def test_shape_of_the_services(
+    services: dict[str, dict[str, Any]], deployed: dict[str, dict[str, Any]]
+) -> None:
     """Two consumer replicas, the API on 8080, a demo publisher with 30% duplicates, limits and restarts."""
     assert services["consumer"]["deploy"]["replicas"] == 2
-    assert any(p.endswith(":8080:8080") for p in services["api"]["ports"])
+    assert any(p.endswith(":8080:8080") for p in deployed["api"]["ports"])
     command = services["publisher"]["command"]
     assert command[command.index("--dup-rate") + 1] == "0.3"
     for name in LONG_RUNNING:
