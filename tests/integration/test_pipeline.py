@@ -214,7 +214,9 @@ async def test_redelivery_after_commit_before_ack_stores_nothing_twice(
     first = await sub.fetch(21, timeout=5)
     await sub.unsubscribe()
     async with pool.acquire() as conn:
-        await store_batch(conn, [to_item(Delivery.from_msg(m), quick.subject_prefix, 1 << 20) for m in first], 5)
+        await store_batch(
+            conn, [to_item(Delivery.from_msg(m), quick.subject_prefix, 1 << 20) for m in first], 5
+        )
     assert await stored_count(pool) == 20
     before = await totals(pool)
     async with running_consumer(quick, js, pool):
