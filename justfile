@@ -35,6 +35,10 @@ test-faults *args:
     uv run --frozen pytest tests/faults -m "faults" {{args}}
     ONCELOG_FUZZ_ROUNDS=400 uv run --frozen pytest tests/integration/test_fuzz_e2e.py tests/unit/test_validate_properties.py {{args}}
 
+# run compose.yaml for real on a Docker engine of its own with stand-in images, then remove it all (root; about 7 minutes; see docs/deploy.md)
+test-compose *args:
+    bash tests/compose/run.sh {{args}}
+
 # benchmark throughput, latency, queries and memory (`--quick` for a one-minute smoke run)
 bench *args:
     {{python}} bench/run.py {{args}}
