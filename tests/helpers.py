@@ -62,18 +62,7 @@ async def one(conn: asyncpg.Connection | asyncpg.Pool, sql: str, *args: Any) -> 
 async def totals(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, int]:
     """Return the summed statistics of every topic."""
     total = stats.totals(await stats.per_topic(conn))
-    return {
-        name: getattr(total, name)
-        for name in (
-            "received",
-            "stored",
-            "store_duplicates",
-            "broker_duplicates",
-            "dead_lettered",
-            "redelivered",
-            "conflicting",
-        )
-    }
+    return {name: getattr(total, name) for name in stats.COUNTERS}
 
 
 async def assert_invariants(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, int]:

@@ -18,6 +18,7 @@ import msgspec
 from oncelog.store.schema import Conn, Queryable
 
 __all__ = [
+    "COUNTERS",
     "PER_TOPIC_SQL",
     "STATS_SHARDS",
     "Counts",
@@ -93,7 +94,8 @@ class Counts(msgspec.Struct, kw_only=True):
         return self.store_duplicates + self.broker_duplicates
 
 
-_SUMMED = (
+# The counters of Counts that add up over shards and topics (the timestamps do not).
+COUNTERS = (
     "received",
     "stored",
     "store_duplicates",
@@ -121,7 +123,7 @@ def totals(topics: Mapping[str, Counts]) -> Counts:
     """Return the counters of all `topics` summed."""
     total = Counts()
     for counts in topics.values():
-        for name in _SUMMED:
+        for name in COUNTERS:
             setattr(total, name, getattr(total, name) + getattr(counts, name))
     return total
 
