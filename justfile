@@ -2,7 +2,9 @@
 
 set dotenv-load := false
 
+# The stack needs only the workspace; tests, linters and the bench each add their dependency group.
 python := "uv run --frozen python"
+dev := "uv run --frozen --group dev"
 
 # list the recipes
 default:
@@ -18,7 +20,7 @@ up-cluster *args:
 
 # measure the drain rate with 1, 2 and 4 consumer replicas (e.g. `just bench-scaling --events 200000`)
 bench-scaling *args:
-    {{python}} bench/scaling.py {{args}}
+    uv run --frozen --group bench python bench/scaling.py {{args}}
 
 # publish generated events to the running stack (e.g. `just publish --count 10000`)
 publish *args:
@@ -26,14 +28,14 @@ publish *args:
 
 # run the test suite (unit and integration, real servers; fault scenarios marked slow excluded), then the consumer's tests on nats-py's public path
 test *args:
-    uv run --frozen pytest -m "not slow" {{args}}
+    {{dev}} pytest -m "not slow" {{args}}
     # nats-py's own path decodes a subject strictly, and one not UTF-8 ends its read loop: only the fast path passes that test.
-    ONCELOG_FAST_WIRE=0 uv run --frozen pytest -m "not slow" tests/integration/test_pipeline.py tests/integration/test_pull.py tests/integration/test_publish.py tests/integration/test_api_publish.py --deselect tests/integration/test_pipeline.py::test_subjects_of_any_bytes_are_dead_letters_and_block_nothing {{args}}
+    ONCELOG_FAST_WIRE=0 {{dev}} pytest -m "not slow" tests/integration/test_pipeline.py tests/integration/test_pull.py tests/integration/test_publish.py tests/integration/test_api_publish.py --deselect tests/integration/test_pipeline.py::test_subjects_of_any_bytes_are_dead_letters_and_block_nothing {{args}}
 
 # run the fault-injection scenarios and a long fuzzing run (fresh random inputs), and print their tables
 test-faults *args:
-    uv run --frozen pytest tests/faults -m "faults" {{args}}
-    ONCELOG_FUZZ_ROUNDS=400 uv run --frozen pytest tests/integration/test_fuzz_e2e.py tests/unit/test_validate_properties.py {{args}}
+    {{dev}} pytest tests/faults -m "faults" {{args}}
+    ONCELOG_FUZZ_ROUNDS=400 {{dev}} pytest tests/integration/test_fuzz_e2e.py tests/unit/test_validate_properties.py {{args}}
 
 # run compose.yaml for real on a Docker engine of its own with stand-in images, then remove it all (root; about 7 minutes; see docs/deploy.md)
 test-compose *args:
@@ -41,18 +43,18 @@ test-compose *args:
 
 # benchmark throughput, latency, queries and memory (`--quick` for a one-minute smoke run)
 bench *args:
-    {{python}} bench/run.py {{args}}
+    uv run --frozen --group bench python bench/run.py {{args}}
 
 # format the code
 fmt:
-    uv run --frozen ruff format .
-    uv run --frozen ruff check --fix .
+    {{dev}} ruff format .
+    {{dev}} ruff check --fix .
 
 # format check, lint and types
 lint:
-    uv run --frozen ruff format --check .
-    uv run --frozen ruff check .
-    uv run --frozen mypy libs services local tests bench
+    {{dev}} ruff format --check .
+    {{dev}} ruff check .
+    uv run --frozen --all-groups mypy libs services local tests bench
 
 # what CI runs: lint, then the tests
 check: lint test

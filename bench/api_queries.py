@@ -1,6 +1,6 @@
 """API query speed at 1,000,000 stored events, with the PostgreSQL plans behind it.
 
-    uv run python bench/api_queries.py [--rows 1000000] [--requests 200]
+    uv run --group bench python bench/api_queries.py [--rows 1000000] [--requests 200]
 
 Starts a scratch embedded PostgreSQL in a temporary directory, migrates it, fills `events` with
 a generate_series INSERT (100 topics such as `svc3.prod.login`, timestamps over 30 days) and

@@ -81,5 +81,5 @@ log "testing the deployment"
 cd "$root"
 ONCELOG_TEST_COMPOSE=1 ONCELOG_COMPOSE_LOGS="$tmp/compose-logs.txt" ONCELOG_COMPOSE_REPORT="$tmp/report.txt" \
     timeout --foreground --kill-after=60 "$test_limit" \
-    uv run --frozen pytest tests/compose/test_compose_run.py -p no:cacheprovider \
+    uv run --frozen --group dev pytest tests/compose/test_compose_run.py -p no:cacheprovider \
     --basetemp "$tmp/pytest" "$@"

@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from prometheus_client.exposition import choose_encoder
 from litestar.testing import AsyncTestClient
 from nats.js import JetStreamContext
 
@@ -119,10 +120,33 @@ async def test_an_os_error_of_neither_server_is_a_500(
     def unreadable(*_: Any) -> bytes:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(operations, "generate_latest", unreadable)
+    monkeypatch.setattr(operations, "choose_encoder", lambda _: (unreadable, "text/plain"))
     resp = await client.get("/metrics")
     assert resp.status_code == 500, resp.text
     assert resp.json()["detail"] == "internal server error"
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "",
+        "text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+        "application/openmetrics-text;version=1.0.0;escaping=underscores;q=0.5,"
+        "text/plain;version=1.0.0;escaping=underscores;q=0.4",
+        "application/openmetrics-text",
+    ],
+)
+async def test_metrics_content_type_is_prometheus_clients_own(
+    client: AsyncTestClient[Any], accept: str
+) -> None:
+    """/metrics negotiates the format like prometheus_client's own handler and sends its
+    Content-Type unchanged: one charset, which Go's media-type parser (Prometheus 3) needs."""
+    expected = choose_encoder(accept)[1]
+    resp = await client.get("/metrics", headers={"accept": accept} if accept else {})
+    assert resp.status_code == 200
+    assert resp.headers["content-type"] == expected
+    assert resp.headers["content-type"].count("charset") == 1
+    assert "oncelog_http_requests_total" in resp.text
 
 
 async def test_events_of_a_topic_as_a_json_array(

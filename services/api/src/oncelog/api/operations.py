@@ -6,9 +6,10 @@ import logging
 
 import nats.errors
 import nats.js.errors
-from litestar import Response, get
+from litestar import Request, Response, get
 from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import choose_encoder
 
 from oncelog.api.errors import Unavailable
 from oncelog.api.openapi import errors
@@ -131,6 +132,9 @@ async def queue_stats(state: AppState) -> QueueStats:
     tags=["operations"],
     media_type=CONTENT_TYPE_LATEST,
 )
-async def metrics(state: AppState) -> Response[bytes]:
-    """Return the API's metrics in the Prometheus text format."""
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request[None, None, None], state: AppState) -> Response[bytes]:
+    """Return the API's metrics in the format the scraper asks for (Prometheus text or
+    OpenMetrics), with prometheus_client's own Content-Type, byte for byte."""
+    encode, content_type = choose_encoder(request.headers.get("accept", ""))
+    # An explicit header: Litestar would otherwise append a second charset to a text/ type.
+    return Response(encode(state.metrics.registry), headers={"content-type": content_type})
