@@ -10,9 +10,9 @@ from typing import Any
 
 import asyncpg
 import pytest
-from prometheus_client.exposition import choose_encoder
 from litestar.testing import AsyncTestClient
 from nats.js import JetStreamContext
+from prometheus_client.exposition import choose_encoder
 
 from helpers import api_client, running_consumer, totals, wait_until
 from oncelog.api import gateway, operations
