@@ -404,7 +404,11 @@ class PostgresServer(_Server):
 
 
 class PrometheusServer(_Server):
-    """A Prometheus (from the system's package, e.g. Debian's `prometheus`) on loopback."""
+    """A Prometheus (from the system's package, e.g. Debian's `prometheus`) on loopback.
+
+    `executable` names the binary to run (a Prometheus 3 unpacked beside the system's 2, say);
+    without it, the `prometheus` on PATH. Both major versions take the flags used here.
+    """
 
     def __init__(
         self,
@@ -413,11 +417,13 @@ class PrometheusServer(_Server):
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        executable: Path | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.config_file = config_file
         self.host = host
         self.port = port or free_port(host)
+        self.executable = executable
         self.log_file = data_dir.parent / f"{data_dir.name}.log"
 
     @staticmethod
@@ -436,9 +442,11 @@ class PrometheusServer(_Server):
 
     def start(self, timeout: float = 30.0) -> Self:
         """Start Prometheus and wait until it reports ready."""
-        binary = self.binary()
+        binary = self.executable or self.binary()
         if binary is None:
             raise EmbeddedError("prometheus is not installed (Debian: apt-get install prometheus)")
+        if not os.access(binary, os.X_OK):
+            raise EmbeddedError(f"{binary} is not an executable prometheus")
         if _port_busy(self.host, self.port):
             raise EmbeddedError(f"port {self.port} on {self.host} is in use; choose another one")
         self.data_dir.mkdir(parents=True, exist_ok=True)
