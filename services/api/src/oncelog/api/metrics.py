@@ -69,6 +69,9 @@ class ApiMetrics:
             "Events POST /publish could not get a PubAck for before its deadline.",
             registry=registry,
         )
+        # Exported at 0 from the start, so the first broker duplicate after a restart is an
+        # increase from 0 that rate() and increase() see, not a series born at 1. The gateway
+        # only sees the broker layer; the consumers export the store layer.
         self.duplicates.labels("broker")
 
     def watch_pool(self, pool: asyncpg.Pool) -> None:

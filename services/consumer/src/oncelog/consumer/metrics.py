@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from oncelog.platform.metrics import BulkHistogram, TopicLabels
+from oncelog.events import REJECTION_CODES
+from oncelog.platform.metrics import OTHER, BulkHistogram, TopicLabels
 
 __all__ = ["ConsumerMetrics"]
 
@@ -161,3 +162,10 @@ class ConsumerMetrics:
             ["state"],
             registry=registry,
         )
+        # A series born at 1 has no earlier sample, so increase() and rate() see nothing of its
+        # first step: every label value known in advance is exported at 0 from the start. The
+        # dead-letter reasons are a closed set; topics are not, and of them only the shared
+        # _other is known, which gives the store layer a series before its first duplicate.
+        for code in REJECTION_CODES:
+            self.dead.labels(code)
+        self.duplicates.labels("store", OTHER)
