@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from oncelog.api.settings import ApiSettings
 from oncelog.consumer.settings import ConsumerSettings
-from oncelog.platform.settings import BrokerSettings, CommonSettings, SettingsError, load
+from oncelog.local.embedded import NatsServer, PostgresServer
+from oncelog.platform.settings import (
+    EMBEDDED_DATABASE,
+    BrokerSettings,
+    CommonSettings,
+    SettingsError,
+    embedded_port,
+    load,
+    stack_environ,
+)
 from oncelog.publisher.settings import PublisherSettings
 
 
@@ -77,3 +88,35 @@ def test_a_log_level_python_does_not_know_is_refused_naming_the_variable(
 def test_log_level_names_are_taken_in_any_case(value: str) -> None:
     """The five level names are accepted in any case."""
     assert load(CommonSettings, {"LOG_LEVEL": value}).log_level == value
+
+
+def test_stack_environ_finds_the_embedded_servers_on_their_ports() -> None:
+    """Without NATS_URL and DATABASE_URL a tool reaches the servers `just up` runs on NATS_PORT
+    and PG_PORT, with the very URLs up gives its services."""
+    env = stack_environ({"NATS_PORT": "14222", "PG_PORT": "15432", "OTHER": "kept"})
+    assert env["NATS_URL"] == NatsServer(Path("n"), port=14222).url
+    assert env["DATABASE_URL"] == PostgresServer(Path("p"), port=15432).url(EMBEDDED_DATABASE)
+    assert env["OTHER"] == "kept"
+    assert load(PublisherSettings, env).nats_url == "nats://127.0.0.1:14222"
+
+
+def test_stack_environ_defaults_match_the_settings_defaults() -> None:
+    """With nothing set, the URLs are the settings' own defaults (ports 4222 and 5432)."""
+    env = stack_environ({})
+    defaults = load(CommonSettings, {})
+    assert (env["NATS_URL"], env["DATABASE_URL"]) == (defaults.nats_url, defaults.database_url)
+
+
+def test_stack_environ_keeps_urls_that_are_set() -> None:
+    """A NATS_URL or DATABASE_URL in the environment wins over the ports, as in `just up`."""
+    given = {"NATS_URL": "nats://n:1", "DATABASE_URL": "postgresql://d/x", "NATS_PORT": "9"}
+    env = stack_environ(given)
+    assert (env["NATS_URL"], env["DATABASE_URL"]) == ("nats://n:1", "postgresql://d/x")
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "70000"])
+def test_a_bad_embedded_port_names_the_variable(value: str) -> None:
+    """A port that is not one raises SettingsError naming the variable."""
+    with pytest.raises(SettingsError, match="NATS_PORT"):
+        stack_environ({"NATS_PORT": value})
+    assert embedded_port("PG_PORT", {}) == 5432

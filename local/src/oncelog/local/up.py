@@ -37,7 +37,14 @@ from oncelog.local.embedded import (
     prometheus_config,
 )
 from oncelog.platform import log
-from oncelog.platform.settings import CommonSettings, SettingsError, load
+from oncelog.platform.settings import (
+    EMBEDDED_DATABASE,
+    EMBEDDED_HOST,
+    CommonSettings,
+    SettingsError,
+    embedded_port,
+    load,
+)
 
 __all__ = [
     "GIVE_UP_AFTER",
@@ -50,7 +57,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger("oncelog.up")
-DATABASE = "oncelog"
+DATABASE = EMBEDDED_DATABASE
 
 # The first restart waits about RESTART_BASE_SECONDS, each further one twice as long up to
 # RESTART_MAX_SECONDS, every delay drawn between half and all of that so replicas that crashed
@@ -71,6 +78,13 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         sys.exit(f"invalid setting: {name}={value!r} is not a port number")
+
+
+def _port(name: str, env: dict[str, str]) -> int:
+    try:
+        return embedded_port(name, env)
+    except SettingsError as exc:
+        sys.exit(str(exc))
 
 
 async def _prepare(postgres_url: str, settings: CommonSettings, create_db: bool) -> None:
@@ -220,18 +234,21 @@ def _stop_all(children: list[Supervised], timeout: float = 30.0) -> None:
 
 def _start_servers(data: Path, env: dict[str, str], servers: list[Supervised]) -> None:
     """Start embedded NATS and PostgreSQL unless NATS_URL/DATABASE_URL name external ones."""
+    # Host and ports come from oncelog.platform.settings, whose stack_environ() the other tools
+    # (the publisher) use to find this stack: both read NATS_PORT and PG_PORT alike.
     if "NATS_URL" not in env:
         nats_server = NatsServer(
             data / "nats",
-            port=_env_int("NATS_PORT", 4222),
-            monitor_port=_env_int("NATS_MONITOR_PORT", 8222),
+            host=EMBEDDED_HOST,
+            port=_port("NATS_PORT", env),
+            monitor_port=_port("NATS_MONITOR_PORT", env),
         )
         servers.append(Supervised("nats-server", server=nats_server, dependency=True))
         servers[-1].start()
         env["NATS_URL"] = nats_server.url
     postgres_url = ""
     if "DATABASE_URL" not in env:
-        postgres = PostgresServer(data / "postgres", port=_env_int("PG_PORT", 5432))
+        postgres = PostgresServer(data / "postgres", host=EMBEDDED_HOST, port=_port("PG_PORT", env))
         servers.append(Supervised("postgres", server=postgres, dependency=True))
         servers[-1].start()
         postgres_url = postgres.url()

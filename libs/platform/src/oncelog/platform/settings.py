@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Annotated, Any, TypeVar
 
 import msgspec
 
 __all__ = [
+    "EMBEDDED_DATABASE",
+    "EMBEDDED_HOST",
+    "EMBEDDED_PORTS",
     "BrokerSettings",
     "CommonSettings",
     "LogLevel",
@@ -19,7 +23,9 @@ __all__ = [
     "Positive",
     "PositiveFloat",
     "SettingsError",
+    "embedded_port",
     "load",
+    "stack_environ",
 ]
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -77,6 +83,44 @@ class CommonSettings(BrokerSettings, frozen=True, kw_only=True):
     statement_timeout_ms: Positive = 30_000
     # DEBUG, INFO, WARNING, ERROR or CRITICAL (any case).
     log_level: LogLevel = "INFO"
+
+
+# Where `just up` runs its embedded servers when NATS_URL and DATABASE_URL name no others:
+# loopback, on the ports of these variables (0 there means any free port).
+EMBEDDED_HOST = "127.0.0.1"
+EMBEDDED_DATABASE = "oncelog"
+EMBEDDED_PORTS: Mapping[str, int] = MappingProxyType(
+    {"NATS_PORT": 4222, "NATS_MONITOR_PORT": 8222, "PG_PORT": 5432}
+)
+
+
+def embedded_port(name: str, environ: Mapping[str, str] | None = None) -> int:
+    """Return the port named by `name` (a key of EMBEDDED_PORTS), else its default."""
+    env = os.environ if environ is None else environ
+    value = env.get(name, str(EMBEDDED_PORTS[name]))
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise SettingsError(f"invalid setting: {name}={value!r} is not a port number")
+    return port
+
+
+def stack_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Return the environment with NATS_URL and DATABASE_URL as `just up` gives its services.
+
+    A URL already set is kept (`just up` then starts no embedded server for it); an unset one
+    names the embedded server on NATS_PORT or PG_PORT, so a tool run with the environment of
+    `just up` reaches the stack it started.
+    """
+    env = dict(os.environ if environ is None else environ)
+    if "NATS_URL" not in env:
+        env["NATS_URL"] = f"nats://{EMBEDDED_HOST}:{embedded_port('NATS_PORT', env)}"
+    if "DATABASE_URL" not in env:
+        port = embedded_port("PG_PORT", env)
+        env["DATABASE_URL"] = f"postgresql://postgres@{EMBEDDED_HOST}:{port}/{EMBEDDED_DATABASE}"
+    return env
 
 
 S = TypeVar("S", bound=msgspec.Struct)
