@@ -1,7 +1,10 @@
-"""publish_many against a real nats-server: acks, duplicates, refusals and partial acks."""
+"""publish_many and the publisher's Emitter against a real nats-server: acks, duplicates,
+refusals, partial acks, the broker-duplicate metric and the wait for the duplicate window."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import time
 
 import nats.errors
@@ -9,10 +12,15 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StreamConfig
+from prometheus_client import CollectorRegistry
 
+from helpers import wait_until
 from oncelog.consumer.settings import ConsumerSettings
 from oncelog.events import msg_id
 from oncelog.platform.publish import Outbound, PublishError, publish_many
+from oncelog.publisher.emit import Emitter, PublisherMetrics
+from oncelog.publisher.generate import plan
+from oncelog.publisher.progress import Progress
 
 
 def _outbound(settings: ConsumerSettings, n: int, topic: str = "pub") -> list[Outbound]:
@@ -142,3 +150,109 @@ async def test_a_message_over_the_servers_limit_is_refused_before_sending(
         fast_wire=settings.oncelog_fast_wire,
     )
     assert ack.seq == 1
+
+
+def _broker_duplicates(registry: CollectorRegistry) -> float | None:
+    return registry.get_sample_value("oncelog_duplicates_total", {"layer": "broker"})
+
+
+async def test_the_broker_duplicate_counter_counts_the_duplicate_pubacks(
+    js: JetStreamContext, settings: ConsumerSettings
+) -> None:
+    """oncelog_duplicates_total{layer="broker"} exists at 0 before the first publish and then
+    equals the PubAcks with duplicate=true, which are exactly the repeats the stream dropped."""
+    registry = CollectorRegistry()
+    metrics = PublisherMetrics(registry)
+    assert _broker_duplicates(registry) == 0.0
+    emitter = Emitter(js, window_seconds=120, metrics=metrics, fast_wire=settings.oncelog_fast_wire)
+    events = plan(
+        count=2000,
+        topics=["m.a", "m.b"],
+        dup_rate=0.4,
+        replay_old=0.0,
+        source="test",
+        seed=5,
+        subject_prefix=settings.subject_prefix,
+    )
+    summary = await emitter.run(events, 2000)
+    assert summary.errors == 0
+    assert summary.broker_duplicates == summary.sent - summary.unique > 500
+    assert _broker_duplicates(registry) == summary.broker_duplicates
+    stored = (await js.stream_info(settings.stream)).state.messages
+    assert stored == summary.unique
+
+
+async def test_replays_wait_out_the_window_idle_time_is_not_publishing_time(
+    js: JetStreamContext, settings: ConsumerSettings
+) -> None:
+    """Replays go out only after the window, announced with a countdown; the events/s rate is
+    taken over the time spent publishing, the wait reported apart from it."""
+    out = io.StringIO()
+    emitter = Emitter(
+        js,
+        window_seconds=1.0,
+        progress=Progress(out, in_place=False, interval=0.2),
+        fast_wire=settings.oncelog_fast_wire,
+    )
+    events = plan(
+        count=400,
+        topics=["w.a"],
+        dup_rate=0.5,
+        replay_old=1.0,
+        source="test",
+        seed=2,
+        subject_prefix=settings.subject_prefix,
+    )
+    summary = await emitter.run(events, 400)
+    assert summary.errors == summary.unsent == 0
+    assert summary.old_replays > 100
+    # Every replay came after the window (1 s here), plus the 1 s margin.
+    assert summary.wait_seconds > 1.5
+    assert summary.publish_seconds == pytest.approx(
+        summary.seconds - summary.wait_seconds, abs=0.01
+    )
+    assert summary.events_per_second == pytest.approx(
+        summary.sent / summary.publish_seconds, rel=0.01
+    )
+    text = out.getvalue()
+    assert "replays wait until the broker's 1 s duplicate window has passed" in text
+    assert "s for the duplicate window, then" in text
+    assert "\r" not in text
+    assert all(line.startswith("publisher: ") for line in text.splitlines())
+
+
+async def test_a_stop_during_the_wait_skips_the_replays_and_returns_at_once(
+    js: JetStreamContext, settings: ConsumerSettings
+) -> None:
+    """Setting the stop Event while replays wait for the window ends the run within moments,
+    the replays counted as skipped and everything else acked."""
+    stop = asyncio.Event()
+    out = io.StringIO()
+    emitter = Emitter(
+        js,
+        window_seconds=60.0,
+        progress=Progress(out, in_place=False),
+        fast_wire=settings.oncelog_fast_wire,
+    )
+    events = plan(
+        count=300,
+        topics=["s.a"],
+        dup_rate=0.5,
+        replay_old=1.0,
+        source="test",
+        seed=3,
+        subject_prefix=settings.subject_prefix,
+    )
+    run = asyncio.create_task(emitter.run(events, 300, stop=stop))
+
+    async def waiting() -> bool:
+        return "replays wait until" in out.getvalue()
+
+    await wait_until(waiting, within=10)
+    started = time.monotonic()
+    stop.set()
+    summary = await asyncio.wait_for(run, 5)
+    assert time.monotonic() - started < 2
+    assert summary.errors == 0
+    assert summary.skipped_replays == summary.unsent > 50
+    assert summary.acked == summary.sent == 300 - summary.unsent

@@ -11,9 +11,12 @@ import msgspec
 from prometheus_client import CollectorRegistry, start_http_server
 
 from oncelog.platform import broker, db, log
-from oncelog.platform.settings import SettingsError, load
+from oncelog.platform.settings import SettingsError, load, stack_environ
+from oncelog.platform.shutdown import shutdown_event
+from oncelog.publisher.connect import UnreachableError, connect
 from oncelog.publisher.emit import Emitter, PublisherMetrics, Summary
 from oncelog.publisher.generate import plan, topics_from
+from oncelog.publisher.progress import Progress
 from oncelog.publisher.settings import PublisherSettings
 from oncelog.store import stats
 
@@ -57,6 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for one PubAck")
     p.add_argument("--max-attempts", type=int, default=10, help="tries per event before giving up")
     p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=5.0,
+        help="seconds to wait for NATS at the start before giving up (once connected, a broker "
+        "restart is waited out)",
+    )
+    p.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
     )
     p.add_argument(
@@ -65,7 +75,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="address for --metrics-port (0.0.0.0 in containers)",
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=5.0,
+        help="seconds between progress lines when stderr is not a terminal (a terminal gets "
+        "one line redrawn every second)",
+    )
     return p.parse_args(argv)
 
 
@@ -74,7 +91,7 @@ async def run_session(settings: PublisherSettings, args: argparse.Namespace) -> 
     registry = CollectorRegistry()
     if args.metrics_port is not None:
         start_http_server(args.metrics_port, args.metrics_host, registry)
-    nc = await broker.connect(settings, "oncelog-publisher")
+    nc = await connect(settings, "oncelog-publisher", args.connect_timeout)
     try:
         js = nc.jetstream()
         info = await broker.ensure_stream(js, settings)
@@ -86,7 +103,9 @@ async def run_session(settings: PublisherSettings, args: argparse.Namespace) -> 
             timeout=args.timeout,
             max_attempts=args.max_attempts,
             metrics=PublisherMetrics(registry),
-            progress=not args.quiet and sys.stderr.isatty(),
+            progress=None
+            if args.quiet
+            else Progress(sys.stderr, in_place=sys.stderr.isatty(), interval=args.progress_every),
             fast_wire=settings.oncelog_fast_wire,
         )
         events = plan(
@@ -98,7 +117,7 @@ async def run_session(settings: PublisherSettings, args: argparse.Namespace) -> 
             seed=args.seed,
             subject_prefix=settings.subject_prefix,
         )
-        summary = await emitter.run(events, args.count, args.rate)
+        summary = await emitter.run(events, args.count, args.rate, shutdown_event())
     finally:
         await nc.drain()
     if settings.record_broker_duplicates and summary.duplicates_by_topic:
@@ -121,7 +140,7 @@ async def _record(settings: PublisherSettings, summary: Summary) -> None:
 
 def render(summary: Summary) -> str:
     """Return the summary as an aligned table."""
-    rows = [
+    rows: list[tuple[str, object]] = [
         ("sent", summary.sent),
         ("unique events", summary.unique),
         ("acked", summary.acked),
@@ -129,9 +148,13 @@ def render(summary: Summary) -> str:
         ("replays past the window", summary.old_replays),
         ("retries", summary.retries),
         ("errors", summary.errors),
-        ("seconds", summary.seconds),
-        ("events/s", summary.events_per_second),
     ]
+    if summary.unsent:
+        rows.append(("unsent (stopped)", summary.unsent))
+    rows.append(("seconds (wall)", summary.seconds))
+    if summary.wait_seconds:
+        rows.append(("seconds waiting window", summary.wait_seconds))
+    rows.append(("events/s (publishing)", f"{summary.events_per_second:,.1f}"))
     return "\n".join(f"{name:<24}{value:>12}" for name, value in rows)
 
 
@@ -139,17 +162,25 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of `python -m oncelog.publisher`."""
     args = parse_args(argv)
     try:
-        settings = load(PublisherSettings)
+        # The URLs `just up` gives its services, from the same NATS_PORT, PG_PORT or *_URL.
+        settings = load(PublisherSettings, stack_environ())
     except SettingsError as exc:
         sys.exit(str(exc))
     log.setup(settings.log_level, "publisher")
-    summary = asyncio.run(run_session(settings, args))
+    try:
+        summary = asyncio.run(run_session(settings, args))
+    except UnreachableError as exc:
+        sys.exit(f"oncelog-publisher: {exc}")
     if args.json:
         sys.stdout.write(msgspec.json.encode(summary).decode() + "\n")
     else:
         sys.stdout.write(render(summary) + "\n")
     if summary.errors:
         sys.exit(1)
+    # Stopped before every planned message but the held-back replays went out: the run did not
+    # finish. Stopping during the wait for the duplicate window only skips those replays.
+    if summary.unsent > summary.skipped_replays:
+        sys.exit(130)
 
 
 if __name__ == "__main__":

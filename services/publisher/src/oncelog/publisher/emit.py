@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
-import sys
 import time
 from collections import Counter as Tally
 from collections.abc import Iterable, Sequence
@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from oncelog.platform.publish import Outbound, PublishError, publish_many
 from oncelog.publisher.generate import Kind, Planned
+from oncelog.publisher.progress import Progress
 
 __all__ = ["Emitter", "PublisherMetrics", "Summary"]
 
@@ -38,6 +39,15 @@ class PublisherMetrics:
             "PubAcks with duplicate=true: the broker dropped the message.",
             registry=registry,
         )
+        # The name, label and help text the API and the consumer export, so one query sums
+        # every layer's duplicates across services; the broker's series exists from the start.
+        self.dropped = Counter(
+            "oncelog_duplicates_total",
+            "Duplicates dropped, by the layer that dropped them.",
+            ["layer"],
+            registry=registry,
+        )
+        self.dropped_by_broker = self.dropped.labels("broker")
         self.retried = Counter(
             "oncelog_publisher_retries_total", "Publish retries.", registry=registry
         )
@@ -49,7 +59,12 @@ class PublisherMetrics:
 
 
 class Summary(msgspec.Struct, kw_only=True):
-    """What one run did."""
+    """What one run did.
+
+    `seconds` is the wall time, `wait_seconds` the part of it spent idle waiting for the broker's
+    duplicate window to pass before replays, and `events_per_second` is `sent` over the rest
+    (`publish_seconds`), the time actually spent publishing.
+    """
 
     sent: int = 0
     unique: int = 0
@@ -58,7 +73,13 @@ class Summary(msgspec.Struct, kw_only=True):
     errors: int = 0
     retries: int = 0
     old_replays: int = 0
+    # Planned messages never sent because the run was stopped (SIGINT or SIGTERM), and how
+    # many of them were replays held back for the duplicate window.
+    unsent: int = 0
+    skipped_replays: int = 0
     seconds: float = 0.0
+    wait_seconds: float = 0.0
+    publish_seconds: float = 0.0
     events_per_second: float = 0.0
     duplicates_by_topic: dict[str, int] = msgspec.field(default_factory=dict)
 
@@ -79,7 +100,7 @@ class Emitter:
         timeout: float = 5.0,
         max_attempts: int = 10,
         metrics: PublisherMetrics | None = None,
-        progress: bool = False,
+        progress: Progress | None = None,
         fast_wire: bool = True,
     ) -> None:
         self.js = js
@@ -96,18 +117,32 @@ class Emitter:
         self._chunk: list[Outbound] = []
         self._dups: Tally[str] = Tally()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._started = time.monotonic()
+        self._waited = 0.0
 
-    async def run(self, events: Iterable[Planned], count: int, rate: float = 0.0) -> Summary:
-        """Publish every planned event; return once each one got a PubAck or ran out of tries."""
+    async def run(
+        self,
+        events: Iterable[Planned],
+        count: int,
+        rate: float = 0.0,
+        stop: asyncio.Event | None = None,
+    ) -> Summary:
+        """Publish every planned event; return once each one got a PubAck or ran out of tries.
+
+        Once `stop` is set nothing more is sent: the PubAcks in flight are awaited, and the
+        messages left are counted as unsent.
+        """
+        stop = stop or asyncio.Event()
         if rate > 0:
             self.chunk_size = max(1, min(self.chunk_size, int(rate * 0.005)))
         self._slots = asyncio.Semaphore(max(1, self.inflight // self.chunk_size))
-        started = time.monotonic()
-        last_report = started
+        self._started = started = time.monotonic()
         pace = 1.0 / rate if rate > 0 else 0.0
         next_at = started
         later: list[tuple[float, int, Outbound]] = []
         for n, (kind, message) in enumerate(events):
+            if stop.is_set():
+                break
             if kind == "old":
                 # Due once the broker has surely forgotten the original's Msg-Id.
                 heapq.heappush(later, (time.monotonic() + self.window + 1.0, n, message))
@@ -119,31 +154,61 @@ class Emitter:
                 if (delay := next_at - time.monotonic()) > 0:
                     await asyncio.sleep(delay)
             await self._add(kind, message)
-            if self.progress and time.monotonic() - last_report >= 1.0:
-                last_report = time.monotonic()
-                self._report(count, started)
+            if self.progress is not None and self.progress.due():
+                self.progress.report(self._line(count))
         await self._flush()
-        while later:
-            due, _, message = heapq.heappop(later)
-            while (wait := due - time.monotonic()) > 0:
-                await self._flush()
-                if self.progress:
-                    self._report(
-                        count, started, f"waiting {wait:.0f}s for the broker's duplicate window"
-                    )
-                await asyncio.sleep(min(wait, 1.0))
-            await self._add("old", message)
+        if later and not stop.is_set():
+            await self._wait_and_replay(later, count, stop)
         await self._flush()
         if self._tasks:
             await asyncio.gather(*self._tasks)
         s = self.summary
+        s.unsent = count - s.sent
+        s.skipped_replays = len(later)
         s.seconds = round(time.monotonic() - started, 3)
-        s.events_per_second = round(s.sent / s.seconds, 1) if s.seconds else 0.0
+        s.wait_seconds = round(self._waited, 3)
+        s.publish_seconds = round(max(s.seconds - s.wait_seconds, 0.0), 3)
+        s.events_per_second = round(s.sent / s.publish_seconds, 1) if s.publish_seconds else 0.0
         s.duplicates_by_topic = dict(self._dups)
-        if self.progress:
-            self._report(count, started)
-            sys.stderr.write("\n")
+        if self.progress is not None:
+            self.progress.report(self._line(count))
+            self.progress.close()
         return s
+
+    async def _wait_and_replay(
+        self, later: list[tuple[float, int, Outbound]], count: int, stop: asyncio.Event
+    ) -> None:
+        """Send the replays held back for the duplicate window, each once it is due."""
+        end = max(due for due, _, _ in later)
+        if self.progress is not None and end - time.monotonic() > 1.0:
+            self.progress.notice(
+                f"{len(later):,} replays wait until the broker's {self.window:g} s duplicate "
+                "window has passed for their originals, so that the store's permanent layer "
+                f"drops them: about {end - time.monotonic():.0f} s "
+                "(Ctrl-C skips them; --replay-old 0 plans none)"
+            )
+        while later and not stop.is_set():
+            if later[0][0] > time.monotonic():
+                # Idle until the next replay is due: let what is in flight finish first, so
+                # the time counted as waiting holds no publishing.
+                await self._flush()
+                if self._tasks:
+                    await asyncio.gather(*self._tasks)
+                while (wait := later[0][0] - time.monotonic()) > 0 and not stop.is_set():
+                    if self.progress is not None and self.progress.due():
+                        self.progress.report(
+                            self._line(
+                                count,
+                                f"waiting {end - time.monotonic():.0f} s for the duplicate "
+                                f"window, then {len(later):,} replays (Ctrl-C skips them)",
+                            )
+                        )
+                    idle_from = time.monotonic()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), min(wait, 1.0))
+                    self._waited += time.monotonic() - idle_from
+                continue
+            await self._add("old", heapq.heappop(later)[2])
 
     async def _add(self, kind: Kind, message: Outbound) -> None:
         self.summary.sent += 1
@@ -194,6 +259,7 @@ class Emitter:
                 if ack.duplicate:
                     self.summary.broker_duplicates += 1
                     self.metrics.duplicates.inc()
+                    self.metrics.dropped_by_broker.inc()
                     self._dups[message.topic] += 1
             missing = len(chunk) - sum(ack is not None for ack in acks)
             self.summary.errors += missing
@@ -201,11 +267,11 @@ class Emitter:
         finally:
             self._slots.release()
 
-    def _report(self, count: int, started: float, note: str = "") -> None:
+    def _line(self, count: int, note: str = "") -> str:
         s = self.summary
-        elapsed = max(time.monotonic() - started, 1e-9)
-        sys.stderr.write(
-            f"\rsent {s.sent}/{count}  acked {s.acked}  broker dups {s.broker_duplicates}  "
-            f"errors {s.errors}  {s.sent / elapsed:,.0f} ev/s  {note:<50}"
+        busy = max(time.monotonic() - self._started - self._waited, 1e-9)
+        line = (
+            f"sent {s.sent:,}/{count:,}  acked {s.acked:,}  broker dups {s.broker_duplicates:,}  "
+            f"errors {s.errors:,}  {s.sent / busy:,.0f} ev/s while publishing"
         )
-        sys.stderr.flush()
+        return f"{line}  {note}" if note else line
