@@ -22,9 +22,9 @@ up-cluster *args:
 bench-scaling *args:
     uv run --frozen --group bench python bench/scaling.py {{args}}
 
-# publish generated events to the running stack (e.g. `just publish --count 10000`)
+# publish generated events to the stack `just up` runs, found by the same NATS_PORT/NATS_URL (e.g. `just publish --count 10000 --replay-old 0`)
 publish *args:
-    {{python}} -m oncelog.publisher {{args}}
+    exec {{python}} -m oncelog.publisher {{args}}
 
 # run the test suite (unit and integration, real servers; fault scenarios marked slow excluded), then the consumer's tests on nats-py's public path
 test *args:
