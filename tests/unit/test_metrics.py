@@ -94,6 +94,19 @@ def test_consumer_exports_every_known_label_value_at_zero() -> None:
     assert registry.get_sample_value("oncelog_conflicting_duplicates_total") == 0
 
 
+def test_a_topics_store_duplicates_start_at_zero_with_its_first_label() -> None:
+    """A topic's store-duplicate series exists at 0 from its first batch; topics beyond the cap
+    share the _other series."""
+    registry = CollectorRegistry()
+    metrics = ConsumerMetrics(registry, topic_cap=1)
+    assert [metrics.topic(t) for t in ("a", "b", "a")] == ["a", OTHER, "a"]
+    for topic in ("a", OTHER):
+        labels = {"layer": "store", "topic": topic}
+        assert registry.get_sample_value("oncelog_duplicates_total", labels) == 0
+    labels = {"layer": "store", "topic": "b"}
+    assert registry.get_sample_value("oncelog_duplicates_total", labels) is None
+
+
 def test_api_exports_the_broker_layer_at_zero() -> None:
     """The gateway's broker-layer duplicates exist at 0 before the first one."""
     registry = CollectorRegistry()

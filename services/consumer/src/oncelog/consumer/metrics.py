@@ -32,11 +32,32 @@ LATENCY_BUCKETS = (
 AGE_BUCKETS = (1, 10, 30, 60, 120, 300, 900, 3600, 6 * 3600, 86400, 7 * 86400, 30 * 86400)
 
 
+class _Topics(TopicLabels):
+    """Topic labels that start a new topic's store-duplicate series at 0 with its first batch.
+
+    A topic's duplicates mostly arrive in later batches than its originals (retries come
+    after), so by then Prometheus has scraped the 0 and sees the first duplicate as an
+    increase instead of a series born at its first count.
+    """
+
+    def __init__(self, cap: int, duplicates: Counter) -> None:
+        super().__init__(cap)
+        self._duplicates = duplicates
+
+    def __call__(self, topic: str) -> str:
+        """Return the label value for `topic`."""
+        label = self._known.get(topic)
+        if label is None:
+            label = super().__call__(topic)
+            if label != OTHER:  # _other is exported from the start
+                self._duplicates.labels("store", label)
+        return label
+
+
 class ConsumerMetrics:
     """What one consumer replica exports."""
 
     def __init__(self, registry: CollectorRegistry, topic_cap: int = 50) -> None:
-        self.topic = TopicLabels(topic_cap)
         self.received = Counter(
             "oncelog_events_received_total",
             "Messages delivered and committed by this replica, first deliveries and redeliveries.",
@@ -55,6 +76,7 @@ class ConsumerMetrics:
             ["layer", "topic"],
             registry=registry,
         )
+        self.topic: TopicLabels = _Topics(topic_cap, self.duplicates)
         self.conflicting = Counter(
             "oncelog_conflicting_duplicates_total",
             "Dropped duplicates whose payload differed from the stored copy (kept in duplicates).",
@@ -164,8 +186,8 @@ class ConsumerMetrics:
         )
         # A series born at 1 has no earlier sample, so increase() and rate() see nothing of its
         # first step: every label value known in advance is exported at 0 from the start. The
-        # dead-letter reasons are a closed set; topics are not, and of them only the shared
-        # _other is known, which gives the store layer a series before its first duplicate.
+        # dead-letter reasons are a closed set; topics are not: of them only the shared _other
+        # is known from the start, and each other topic's series starts with its first batch.
         for code in REJECTION_CODES:
             self.dead.labels(code)
         self.duplicates.labels("store", OTHER)
