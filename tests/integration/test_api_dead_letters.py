@@ -5,9 +5,14 @@ from __future__ import annotations
 import base64
 import json
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 import msgspec
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from litestar.testing import AsyncTestClient
 from nats.js import JetStreamContext
 
@@ -153,7 +158,6 @@ async def test_replay_refusals(
     assert letters["huge"]["truncated"] is True
     assert (await client.post("/dead-letters/999999/replay")).status_code == 404
     assert (await client.post("/dead-letters/0/replay")).status_code == 422
-    assert (await client.post("/dead-letters/abc/replay")).status_code in {404, 422}
     still = await client.post(f"/dead-letters/{letters['still']['id']}/replay")
     assert still.status_code == 422
     assert "not valid JSON" in still.json()["detail"]
@@ -168,3 +172,82 @@ async def test_replay_refusals(
     assert truncated.status_code == 409
     assert truncated.json()["status_code"] == 409
     assert (await js.stream_info(settings.stream)).state.messages == 0
+
+
+async def _refused_as_letter_id(client: AsyncTestClient[Any], segment: str) -> None:
+    resp = await client.post(f"/dead-letters/{quote(segment, safe='')}/replay")
+    assert resp.status_code == 422, (segment, resp.text)
+    body = resp.json()
+    assert body["status_code"] == 422
+    assert [e["field"] for e in body["errors"]] == ["letter_id"], body
+
+
+@pytest.mark.parametrize(
+    "segment",
+    [
+        "abc",
+        "-1",
+        "0",
+        "1e3",
+        "1.0",
+        "+5",
+        " 5",
+        "5 ",
+        "1_0",
+        "0x10",
+        "9223372036854775808",
+        "9" * 400,
+        "\u0661\u0662",
+        "\uff11",
+        "%00",
+    ],
+)
+async def test_a_letter_id_that_is_no_id_is_a_422_naming_it(
+    client: AsyncTestClient[Any], segment: str
+) -> None:
+    """Replay reads its id as digits between 1 and 2^63-1: anything else, including numbers
+    Python's int() would take (unicode digits, '1_0', '+5'), is a 422 naming letter_id."""
+    await _refused_as_letter_id(client, segment)
+
+
+async def test_the_largest_letter_id_is_read_and_not_found(client: AsyncTestClient[Any]) -> None:
+    """2^63-1 and a zero-padded id are ids: an unknown one is a 404, never a 422 or a 500."""
+    for segment in ("9223372036854775807", "00042"):
+        resp = await client.post(f"/dead-letters/{segment}/replay")
+        assert resp.status_code == 404, resp.text
+
+
+async def test_an_empty_letter_id_is_no_route(client: AsyncTestClient[Any]) -> None:
+    """An empty path segment, or one holding '/', addresses no letter at all: a 404 from
+    routing in the one error shape, never a 500."""
+    for path in ("/dead-letters//replay", "/dead-letters/1%2F2/replay"):
+        resp = await client.post(path)
+        assert resp.status_code == 404, resp.text
+        assert resp.json()["status_code"] == 404
+
+
+@hypothesis_settings(
+    max_examples=60,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+# A segment holding '/' (even as %2F, which the server decodes before routing) or a dot
+# segment ('.', '..', which URLs resolve away) addresses another path: a 404 from routing.
+@given(
+    segment=(st.text(min_size=1, max_size=30) | st.from_regex(r"\A[0-9]{1,25}\Z")).filter(
+        lambda s: "/" not in s and s not in {".", ".."}
+    )
+)
+async def test_any_letter_id_segment_is_an_id_or_a_422_naming_it(
+    client: AsyncTestClient[Any], segment: str
+) -> None:
+    """Whatever the path segment, replay answers 404 (a valid id no letter has) or a 422 naming
+    letter_id: never a 404 for a segment that is no id, never a 500."""
+    resp = await client.post(f"/dead-letters/{quote(segment, safe='')}/replay")
+    is_id = segment.isascii() and segment.isdigit() and 1 <= int(segment) < 2**63
+    if is_id:
+        assert resp.status_code == 404, (segment, resp.text)
+    else:
+        assert resp.status_code == 422, (segment, resp.text)
+        assert [e["field"] for e in resp.json()["errors"]] == ["letter_id"]

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import re
 
+import msgspec
 import pytest
 from nats.js import JetStreamContext
 
 from helpers import api_client
-from oncelog.api.protect import TokenBuckets
+from oncelog.api.protect import RATE_LIMIT_HEADERS, Quota, TokenBuckets
+from oncelog.api.settings import ApiSettings
 from oncelog.consumer.settings import ConsumerSettings
 
 EVENT = {"topic": "guarded", "event_id": "1"}
@@ -98,7 +100,7 @@ async def test_concurrent_requests_share_one_bucket_on_the_event_loop(
     on_loop: list[bool] = []
     take = TokenBuckets.take
 
-    def recording(self: TokenBuckets, client: str) -> float:
+    def recording(self: TokenBuckets, client: str) -> Quota:
         try:
             asyncio.get_running_loop()
             on_loop.append(True)
@@ -112,6 +114,51 @@ async def test_concurrent_requests_share_one_bucket_on_the_event_loop(
     codes = sorted(r.status_code for r in responses)
     assert codes == [200] * 5 + [429] * 15
     assert on_loop == [True] * 20
+
+
+async def test_rate_limited_answers_carry_the_ratelimit_headers(
+    settings: ConsumerSettings, js: JetStreamContext
+) -> None:
+    """With the limit on, every answer of a rate-limited route carries RateLimit-Limit (the
+    burst), RateLimit-Remaining (counting down to 0) and RateLimit-Reset, 2xx, 4xx and 429
+    alike; the 429 adds Retry-After. Probes and /metrics carry none."""
+    async with api_client(
+        settings, rate_limit_per_second=1, rate_limit_burst=3, api_keys_read="k"
+    ) as c:
+        key = {"X-API-Key": "k"}
+        answers = [
+            await c.get("/stats", headers=key),
+            await c.get("/events", params={"limit": "1e3"}, headers=key),
+            await c.post("/dead-letters/abc/replay"),
+            await c.get("/stats", headers=key),
+        ]
+        assert [a.status_code for a in answers] == [200, 422, 422, 200]
+        # The keyed requests share the key's bucket, the keyless replay its address's.
+        remaining = [int(a.headers["ratelimit-remaining"]) for a in answers]
+        assert remaining == [2, 1, 2, 0]
+        for answer in answers:
+            assert answer.headers["ratelimit-limit"] == "3"
+            assert 1 <= int(answer.headers["ratelimit-reset"]) <= 3
+        limited = await c.get("/stats", headers=key)
+        assert limited.status_code == 429
+        assert limited.headers["ratelimit-remaining"] == "0"
+        assert limited.headers["ratelimit-limit"] == "3"
+        assert int(limited.headers["ratelimit-reset"]) >= int(limited.headers["retry-after"])
+        for path in ("/health", "/ready", "/metrics"):
+            resp = await c.get(path)
+            assert not {h.lower() for h in RATE_LIMIT_HEADERS} & set(resp.headers), path
+
+
+async def test_no_ratelimit_headers_while_the_limit_is_off(
+    settings: ConsumerSettings, js: JetStreamContext
+) -> None:
+    """The default is no rate limit (RATE_LIMIT_PER_SECOND=0): no 429 and no RateLimit headers,
+    however fast a client asks."""
+    assert msgspec.convert({}, ApiSettings).rate_limit_per_second == 0
+    async with api_client(settings) as c:
+        answers = [await c.get("/stats") for _ in range(300)]
+    assert {a.status_code for a in answers} == {200}
+    assert not {h.lower() for h in RATE_LIMIT_HEADERS} & set(answers[-1].headers)
 
 
 async def test_metrics_count_by_route_template(

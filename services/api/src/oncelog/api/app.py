@@ -13,6 +13,8 @@ from litestar.openapi import OpenAPIConfig
 from oncelog.api import gateway, operations, routes
 from oncelog.api.errors import exception_handlers
 from oncelog.api.metrics import MetricsMiddleware, count_unmatched
+from oncelog.api.openapi import COMPONENTS, add_components
+from oncelog.api.protect import send_rate_limit_headers
 from oncelog.api.settings import ApiSettings
 from oncelog.api.state import AppState, app_state
 from oncelog.platform import broker, db
@@ -62,7 +64,7 @@ async def _lifespan(app: Litestar) -> AsyncIterator[None]:
 
 def create_app(settings: ApiSettings) -> Litestar:
     """Build the API for `settings`; connections open in the lifespan."""
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             gateway.publish,
             gateway.replay,
@@ -79,7 +81,7 @@ def create_app(settings: ApiSettings) -> Litestar:
         lifespan=[_lifespan],
         state=AppState.build(settings),
         middleware=[MetricsMiddleware()],
-        before_send=[count_unmatched],
+        before_send=[count_unmatched, send_rate_limit_headers],
         exception_handlers=exception_handlers,
         request_max_body_size=settings.max_body_bytes,
         # Logging is set up by oncelog.platform.log (JSON lines); Litestar must not replace it.
@@ -89,5 +91,10 @@ def create_app(settings: ApiSettings) -> Litestar:
             version="0.1.0",
             description="Events stored exactly once, queried and counted exactly. Every error "
             "answers with one shape: {status_code, detail, errors: [{field, message}]}.",
+            components=COMPONENTS,
         ),
     )
+    # Built once here, so a schema Litestar cannot generate fails at start-up, not at the first
+    # /schema request, and the components only this module knows are added to it.
+    add_components(app.openapi_schema)
+    return app

@@ -21,9 +21,9 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
 from oncelog.api import queries
-from oncelog.api.errors import Unavailable
+from oncelog.api.errors import Unavailable, whole_number
 from oncelog.api.ingest import BodyError, prepare, prepare_one
-from oncelog.api.openapi import PublishOperation, ReplayOperation, errors
+from oncelog.api.openapi import INT64_MAX, PublishOperation, ReplayOperation, errors
 from oncelog.api.protect import guard_publish
 from oncelog.api.schemas import PublishResult, ReplayResult
 from oncelog.api.state import AppState
@@ -200,7 +200,9 @@ async def _stored_bytes(state: AppState, letter: Any) -> Outbound:
 
 
 @post(
-    "/dead-letters/{letter_id:int}/replay",
+    # A str read by whole_number: an id that Litestar cannot parse as int would be a 404, and
+    # one it can (١٢, 1_0, +5) should not be taken.
+    "/dead-letters/{letter_id:str}/replay",
     summary="Publish a dead letter again, as stored or corrected",
     tags=["dead letters"],
     status_code=HTTP_202_ACCEPTED,
@@ -213,16 +215,26 @@ async def replay(
     request: Request[Any, Any, Any],
     state: AppState,
     letter_id: Annotated[
-        int, PathParameter(ge=1, le=2**63 - 1, description="The dead letter's id")
+        str,
+        PathParameter(
+            description="The dead letter's id: digits, 1 to 2^63-1; anything else is a 422",
+            schema_extra={
+                "type": "integer",
+                "format": "int64",
+                "minimum": 1,
+                "maximum": INT64_MAX,
+            },
+        ),
     ],
 ) -> ReplayResult:
     """Publish the letter with the contract's Msg-Id; replaying twice never stores it twice."""
+    number = whole_number("letter_id", letter_id, low=1, high=INT64_MAX)
     _json_body(request, optional=True)
     raw = await request.body()
     async with state.connection() as conn:
-        letter = await queries.fetch_dead_letter(conn, letter_id)
+        letter = await queries.fetch_dead_letter(conn, number)
     if letter is None:
-        raise NotFoundException(detail=f"no dead letter {letter_id}")
+        raise NotFoundException(detail=f"no dead letter {number}")
     js, max_payload = _broker(state)
     if raw.strip():
         default_topic = letter["topic"] if topic_error(letter["topic"]) is None else None
@@ -240,13 +252,13 @@ async def replay(
         event = await _stored_bytes(state, letter)
     (ack,) = await _publish_all(state, js, [event])
     async with state.connection() as conn:
-        replayed_at = await queries.mark_replayed(conn, letter_id)
+        replayed_at = await queries.mark_replayed(conn, number)
     _log.info(
         "dead letter replayed",
-        extra={"dead_letter": letter_id, "topic": event.topic, "duplicate": bool(ack.duplicate)},
+        extra={"dead_letter": number, "topic": event.topic, "duplicate": bool(ack.duplicate)},
     )
     return ReplayResult(
-        dead_letter_id=letter_id,
+        dead_letter_id=number,
         topic=event.topic,
         event_id=event.event_id,
         stream_seq=ack.seq,

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.exposition import choose_encoder
 
 from oncelog.api.errors import Unavailable
-from oncelog.api.openapi import errors
+from oncelog.api.openapi import OpenOperation, ReadOperation, errors
 from oncelog.api.protect import guard_read
 from oncelog.api.schemas import (
     ConsumerState,
@@ -41,6 +41,7 @@ async def health() -> Health:
     "/ready",
     summary="Readiness: NATS and PostgreSQL are reachable and no consumer is stuck",
     tags=["operations"],
+    operation_class=OpenOperation,
     responses=errors(503),
 )
 async def ready(state: AppState) -> Response[Readiness | ErrorBody]:
@@ -82,6 +83,7 @@ async def ready(state: AppState) -> Response[Readiness | ErrorBody]:
     summary="Stream and durable consumer state: pending, ack pending, redelivered",
     tags=["operations"],
     guards=[guard_read],
+    operation_class=ReadOperation,
     responses=errors(401, 429, 503),
 )
 async def queue_stats(state: AppState) -> QueueStats:

@@ -1,4 +1,4 @@
-"""API keys and a per-client token bucket, as Litestar guards."""
+"""API keys and a per-client token bucket, as Litestar guards, and the RateLimit headers."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import hmac
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from litestar.connection import ASGIConnection
+from litestar.datastructures import MutableScopeHeaders
 from litestar.exceptions import NotAuthorizedException, TooManyRequestsException
 from litestar.handlers.base import BaseRouteHandler
+from litestar.types import Message, Scope
 
 from oncelog.api.settings import ApiSettings
 
@@ -20,13 +22,44 @@ if TYPE_CHECKING:
     # its type for mypy only.
     from oncelog.api.state import AppState
 
-__all__ = ["API_KEY_HEADER", "Protection", "TokenBuckets", "guard_publish", "guard_read"]
+__all__ = [
+    "API_KEY_HEADER",
+    "RATE_LIMIT_HEADERS",
+    "Protection",
+    "Quota",
+    "TokenBuckets",
+    "guard_publish",
+    "guard_read",
+    "send_rate_limit_headers",
+]
 
 API_KEY_HEADER = "X-API-Key"
+# The draft-ietf-httpapi-ratelimit-headers fields that express-rate-limit (standardHeaders
+# "draft-6"), Kong and Traefik clients read, sent on every answer of a rate-limited route.
+RATE_LIMIT_HEADERS = ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset")
+# Where the guard leaves a request's quota for the hook that writes it into the answer.
+_QUOTA_KEY = "oncelog.quota"
 
 
 def _keys(value: str) -> tuple[str, ...]:
     return tuple(key.strip() for key in value.split(",") if key.strip())
+
+
+class Quota(NamedTuple):
+    """What taking a token left: `wait` seconds until the next token (0 when this request got
+    one), the whole tokens `remaining`, and seconds until the bucket is full again (`reset`)."""
+
+    wait: float
+    remaining: int
+    reset: float
+
+    def headers(self, limit: int) -> dict[str, str]:
+        """Return the RateLimit headers of this quota for a bucket of `limit` tokens."""
+        return {
+            "RateLimit-Limit": str(limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(math.ceil(self.reset)),
+        }
 
 
 class TokenBuckets:
@@ -48,8 +81,9 @@ class TokenBuckets:
         self.max_clients = max_clients
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
-    def take(self, client: str) -> float:
-        """Take a token for `client`; return 0 when it got one, else seconds until it will."""
+    def take(self, client: str) -> Quota:
+        """Take a token for `client`; the quota's `wait` is 0 when it got one, else the seconds
+        until it will."""
         now = self.clock()
         tokens, at = self._buckets.pop(client, (self.burst, now))
         tokens = min(self.burst, tokens + (now - at) * self.rate)
@@ -61,7 +95,7 @@ class TokenBuckets:
         self._buckets[client] = (tokens, now)
         if len(self._buckets) > self.max_clients:
             self._buckets.popitem(last=False)
-        return wait
+        return Quota(wait, math.floor(tokens), (self.burst - tokens) / self.rate)
 
 
 class Protection:
@@ -84,10 +118,15 @@ class Protection:
             # Keyed on a key this API issued, else on the socket's peer address: never on a
             # header the client chooses freely, such as X-Forwarded-For or an unknown key.
             client = "key:" + given if valid else "addr:" + _peer(connection)
-            if (wait := self.buckets.take(client)) > 0:
+            quota = self.buckets.take(client)
+            # Every answer of this request carries the quota, whatever its status (see
+            # send_rate_limit_headers); a 401 or 422 spent a token too.
+            scope = cast("dict[str, Any]", connection.scope)
+            scope[_QUOTA_KEY] = quota.headers(int(self.buckets.burst))
+            if quota.wait > 0:
                 raise TooManyRequestsException(
                     detail="rate limit exceeded; retry after the Retry-After delay",
-                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                    headers={"Retry-After": str(max(1, math.ceil(quota.wait)))},
                 )
         if keys and not (valid and _matches(given, keys)):
             raise NotAuthorizedException(
@@ -123,3 +162,14 @@ async def guard_publish(
     """Guard of the write routes: API_KEYS_PUBLISH, when set, and the rate limit."""
     protection = cast("AppState", connection.app.state).protection
     protection.check(connection, protection.publish_keys)
+
+
+async def send_rate_limit_headers(message: Message, scope: Scope) -> None:
+    """Add the RateLimit headers the guard computed to the answer (2xx and errors alike)."""
+    if message["type"] != "http.response.start":
+        return
+    headers = cast("Mapping[str, Any]", scope).get(_QUOTA_KEY)
+    if headers:
+        response = MutableScopeHeaders.from_message(message)
+        for name, value in headers.items():
+            response[name] = value

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
@@ -11,11 +11,20 @@ import msgspec
 from litestar import Request, Response, get
 from litestar.datastructures import ResponseHeader
 from litestar.exceptions import NotFoundException
+from litestar.openapi.spec import OpenAPIFormat, OpenAPIType
 from litestar.params import Parameter, PathParameter
 
 from oncelog.api import queries
 from oncelog.api.errors import invalid
-from oncelog.api.openapi import errors
+from oncelog.api.openapi import (
+    CURSOR_PATTERN,
+    DEAD_LETTER_CURSOR_FORMAT,
+    EVENT_CURSOR_FORMAT,
+    TEXT_PATTERN,
+    TOPIC_QUERY_PATTERN,
+    ReadOperation,
+    errors,
+)
 from oncelog.api.protect import guard_read
 from oncelog.api.schemas import (
     DeadLetter,
@@ -27,7 +36,8 @@ from oncelog.api.schemas import (
     TopicStats,
 )
 from oncelog.api.state import AppState
-from oncelog.events import Event, pattern_error, to_utc
+from oncelog.events import Event, pattern_error, to_utc, topic_error
+from oncelog.events.subjects import TOPIC_PATTERN
 from oncelog.store.stats import Counts, totals
 
 __all__ = ["dead_letters", "event", "events", "stats", "topics"]
@@ -38,17 +48,44 @@ _NEXT = [
     ResponseHeader(
         name="Link",
         description='<url>; rel="next" when another page may follow',
+        # Its schema is added by ReadOperation (a ResponseHeader can only infer one from `value`).
         documentation_only=True,
     )
 ]
+
+
+def _optional_string(**schema: Any) -> dict[str, Any]:
+    # Litestar documents `str | None` as oneOf string or null; a query string is never JSON
+    # null, so the parameter is a string that may be left out.
+    return {"one_of": None, "type": OpenAPIType.STRING} | schema
+
 
 TopicQuery = Annotated[
     str | None,
     Parameter(
         description="A topic, or a NATS pattern: auth.* (one token) or auth.> (one or more)",
         max_length=255,
+        schema_extra=_optional_string(pattern=TOPIC_QUERY_PATTERN, min_length=1),
     ),
 ]
+
+
+def _cursor(format_: str) -> Any:
+    return Parameter(
+        description="The opaque cursor of the Link rel=next header. Only a cursor this API "
+        "issued, for the same route (and, on /events, the same order), is accepted; any other "
+        "value is a 422 naming `cursor`.",
+        max_length=2048,
+        schema_extra=_optional_string(pattern=CURSOR_PATTERN, format=format_, min_length=1),
+    )
+
+
+def _instant_query(description: str) -> Any:
+    return Parameter(
+        description=description + "; RFC 3339, without zone = UTC; an instant before year 1 "
+        "or after year 9999 in UTC bounds nothing (since) or everything (until)",
+        schema_extra=_optional_string(format=OpenAPIFormat.DATE_TIME),
+    )
 
 
 def _topic_query(topic: str | None) -> str | None:
@@ -70,14 +107,35 @@ def _whole_number(request: Request[Any, Any, Any], name: str) -> None:
         raise invalid(name, f"must be a whole number written in digits, not {value[:40]!r}")
 
 
-def _instant(name: str, value: datetime | None) -> datetime | None:
-    """Read a query time as UTC; one PostgreSQL cannot hold is a 422, not a crash."""
+_BEFORE, _AFTER = "before", "after"
+
+
+def _instant(value: datetime | None) -> datetime | str | None:
+    """Read a query time as UTC, or say it lies before year 1 or after year 9999 in UTC.
+
+    Such a time is a valid RFC 3339 value (0001-01-01T00:00:00+01:00) that Python cannot hold
+    in UTC; no stored event lies beyond it, so it bounds a query exactly as well.
+    """
     if value is None:
         return None
     try:
         return to_utc(value)
     except OverflowError:
-        raise invalid(name, "out of range") from None
+        offset = value.utcoffset() or timedelta(0)
+        return _BEFORE if offset > timedelta(0) else _AFTER
+
+
+def _window(
+    since: datetime | None, until: datetime | None
+) -> tuple[datetime | None, datetime | None] | None:
+    """Return the query's (since, until) in UTC, or None when no event can lie between them."""
+    low, high = _instant(since), _instant(until)
+    if low == _AFTER or high == _BEFORE:
+        return None
+    return (
+        low if isinstance(low, datetime) else None,
+        high if isinstance(high, datetime) else None,
+    )
 
 
 def _next_link(request: Request[Any, Any, Any], token: str) -> str:
@@ -91,6 +149,7 @@ def _next_link(request: Request[Any, Any, Any], token: str) -> str:
     tags=["events"],
     response_headers=_NEXT,
     guards=[guard_read],
+    operation_class=ReadOperation,
     responses=_READ_ERRORS,
 )
 async def events(
@@ -98,19 +157,12 @@ async def events(
     state: AppState,
     topic: TopicQuery = None,
     limit: Annotated[int, Parameter(ge=1, le=1000, description="Page size (max 1000)")] = 100,
-    since: Annotated[
-        datetime | None, Parameter(description="Only events at or after this RFC 3339 time")
-    ] = None,
-    until: Annotated[
-        datetime | None, Parameter(description="Only events before this RFC 3339 time")
-    ] = None,
+    since: Annotated[datetime | None, _instant_query("Only events at or after this time")] = None,
+    until: Annotated[datetime | None, _instant_query("Only events before this time")] = None,
     order: Annotated[
         Literal["asc", "desc"], Parameter(description="By (timestamp, topic, event_id)")
     ] = "asc",
-    cursor: Annotated[
-        str | None,
-        Parameter(description="The opaque cursor of the Link rel=next header", max_length=2048),
-    ] = None,
+    cursor: Annotated[str | None, _cursor(EVENT_CURSOR_FORMAT)] = None,
 ) -> Response[list[Event]]:
     """Return a JSON array of events; the next page's URL is in `Link: <...>; rel="next"`."""
     _whole_number(request, "limit")
@@ -124,13 +176,16 @@ async def events(
             raise invalid("cursor", str(exc)) from None
         if after.descending != descending:
             raise invalid("cursor", "was issued for the other order")
+    window = _window(since, until)
+    if window is None:
+        return Response([])
     async with state.connection() as conn:
         # One row more than asked tells whether a next page exists without another query.
         rows = await queries.fetch_events(
             conn,
             topic=pattern,
-            since=_instant("since", since),
-            until=_instant("until", until),
+            since=window[0],
+            until=window[1],
             after=after,
             descending=descending,
             limit=limit + 1,
@@ -160,14 +215,33 @@ async def events(
     summary="One stored event with its provenance",
     tags=["events"],
     guards=[guard_read],
+    operation_class=ReadOperation,
     responses=errors(400, 401, 404, 422, 429, 503),
 )
 async def event(
     state: AppState,
-    topic: Annotated[str, PathParameter(description="The event's topic", max_length=255)],
-    event_id: Annotated[str, PathParameter(description="The event's id", max_length=255)],
+    topic: Annotated[
+        str,
+        PathParameter(
+            description="The event's topic (not a pattern); any other value is a 422",
+            min_length=1,
+            max_length=255,
+            pattern=TOPIC_PATTERN,
+        ),
+    ],
+    event_id: Annotated[
+        str,
+        PathParameter(
+            description="The event's id; one holding '/' cannot be addressed here",
+            min_length=1,
+            max_length=255,
+            pattern=TEXT_PATTERN,
+        ),
+    ],
 ) -> EventDetail:
     """Return the event, its stream sequence, when it was stored, and its dropped copies."""
+    if (bad := topic_error(topic)) is not None:
+        raise invalid("topic", bad)
     async with state.connection() as conn:
         row = await queries.fetch_event(conn, topic, event_id)
     if row is None:
@@ -211,6 +285,7 @@ def _counts(c: Counts) -> dict[str, Any]:
     summary="Exact, persistent statistics",
     tags=["stats"],
     guards=[guard_read],
+    operation_class=ReadOperation,
     responses=errors(401, 429, 503),
 )
 async def stats(state: AppState) -> Stats:
@@ -245,6 +320,7 @@ async def stats(state: AppState) -> Stats:
     summary="Topics with their counts and first/last timestamps",
     tags=["stats"],
     guards=[guard_read],
+    operation_class=ReadOperation,
     responses=_READ_ERRORS,
 )
 async def topics(state: AppState, topic: TopicQuery = None) -> list[TopicInfo]:
@@ -271,6 +347,7 @@ def _text(raw: bytes) -> str | None:
     tags=["dead letters"],
     response_headers=_NEXT,
     guards=[guard_read],
+    operation_class=ReadOperation,
     responses=_READ_ERRORS,
 )
 async def dead_letters(
@@ -278,10 +355,7 @@ async def dead_letters(
     state: AppState,
     topic: TopicQuery = None,
     limit: Annotated[int, Parameter(ge=1, le=200, description="Page size (max 200)")] = 50,
-    cursor: Annotated[
-        str | None,
-        Parameter(description="The opaque cursor of the Link rel=next header", max_length=2048),
-    ] = None,
+    cursor: Annotated[str | None, _cursor(DEAD_LETTER_CURSOR_FORMAT)] = None,
 ) -> Response[list[DeadLetter]]:
     """Return dead letters with their raw bytes (base64) and reasons; next page in Link."""
     _whole_number(request, "limit")

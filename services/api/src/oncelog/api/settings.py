@@ -26,6 +26,8 @@ class ApiSettings(CommonSettings, frozen=True, kw_only=True):
     # Comma-separated keys accepted in X-API-Key; when a list is empty its routes are open.
     api_keys_publish: str = ""
     api_keys_read: str = ""
-    # Token bucket per API key (or client address when there is none); 0 turns it off.
-    rate_limit_per_second: Annotated[float, msgspec.Meta(ge=0)] = 100.0
+    # Token bucket per API key (or client address when there is none); 0 turns it off. Off by
+    # default, as in the FastAPI aggregators this replaces, whose clients never expect a 429;
+    # compose.yaml turns it on for the deployment (see docs/api.md#protection).
+    rate_limit_per_second: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     rate_limit_burst: Positive = 200
