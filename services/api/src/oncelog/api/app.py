@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 
-from oncelog.api import gateway, operations, routes
+from oncelog.api import gateway, operations, routes, stream, tail
 from oncelog.api.errors import exception_handlers
 from oncelog.api.metrics import MetricsMiddleware, count_unmatched
 from oncelog.api.openapi import COMPONENTS, add_components
@@ -49,10 +49,19 @@ async def _lifespan(app: Litestar) -> AsyncIterator[None]:
     pool = await db.create_pool(settings, "oncelog-api")
     state.pool = pool
     state.metrics.watch_pool(pool)
+    state.follower = tail.Follower(
+        pool,
+        poll_seconds=settings.tail_poll_seconds,
+        max_streams=settings.tail_max_streams,
+        buffer=settings.tail_buffer,
+        on_count=state.tail_metrics.streams.set,
+    )
     connecting = asyncio.create_task(_connect_nats(state, settings))
     try:
         yield
     finally:
+        state.closing.set()
+        await state.follower.stop()
         connecting.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await connecting
@@ -69,6 +78,7 @@ def create_app(settings: ApiSettings) -> Litestar:
             gateway.publish,
             gateway.replay,
             routes.events,
+            stream.stream_events,
             routes.event,
             routes.stats,
             routes.topics,

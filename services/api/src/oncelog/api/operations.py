@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -134,7 +135,7 @@ async def queue_stats(state: AppState) -> QueueStats:
     tags=["operations"],
     media_type=CONTENT_TYPE_LATEST,
 )
-async def metrics(request: Request[None, None, None], state: AppState) -> Response[bytes]:
+async def metrics(request: Request[Any, Any, Any], state: AppState) -> Response[bytes]:
     """Return the API's metrics in the format the scraper asks for (Prometheus text or
     OpenMetrics), with prometheus_client's own Content-Type, byte for byte."""
     encode, content_type = choose_encoder(request.headers.get("accept", ""))

@@ -31,3 +31,9 @@ class ApiSettings(CommonSettings, frozen=True, kw_only=True):
     # compose.yaml turns it on for the deployment (see docs/api.md#protection).
     rate_limit_per_second: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     rate_limit_burst: Positive = 200
+    # The live tail (GET /events/stream): open streams per process, rows buffered per stream
+    # before a slow one reads on from the store, the poll behind NOTIFY, keep-alive comments.
+    tail_max_streams: Positive = 100
+    tail_buffer: Positive = 1000
+    tail_poll_seconds: PositiveFloat = 1.0
+    tail_keepalive_seconds: PositiveFloat = 15.0

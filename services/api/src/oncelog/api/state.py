@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -19,6 +20,7 @@ from oncelog.api.errors import StoreUnreachableError
 from oncelog.api.metrics import ApiMetrics
 from oncelog.api.protect import Protection
 from oncelog.api.settings import ApiSettings
+from oncelog.api.tail import Follower, TailMetrics
 from oncelog.store.stats import shard_for
 
 if TYPE_CHECKING:
@@ -46,6 +48,11 @@ class AppState(State):
     # None until NATS first answers: the API serves reads while the broker is away.
     nc: Client | None
     js: JetStreamContext | None
+    # The live tail's reader of the store, opened by the lifespan with the pool.
+    follower: Follower
+    tail_metrics: TailMetrics
+    # Set when the server begins to stop: open live-tail streams end so that it can.
+    closing: asyncio.Event
 
     if TYPE_CHECKING:
         # State answers any attribute name from its dict, typed Any; hidden from mypy, a name
@@ -56,11 +63,14 @@ class AppState(State):
     @classmethod
     def build(cls, settings: ApiSettings) -> AppState:
         """Return the state of a new app for `settings`; the lifespan adds the pool and NATS."""
+        # A registry per app, never the global one, so two apps in a process never clash.
+        metrics = ApiMetrics(CollectorRegistry())
         return cls(
             {
                 "settings": settings,
-                # A registry per app, never the global one, so two apps in a process never clash.
-                "metrics": ApiMetrics(CollectorRegistry()),
+                "metrics": metrics,
+                "tail_metrics": TailMetrics(metrics.registry),
+                "closing": asyncio.Event(),
                 "protection": Protection(settings),
                 "started": time.monotonic(),
                 "shard": shard_for(f"api-{os.uname().nodename}-{os.getpid()}"),

@@ -25,6 +25,7 @@ from oncelog.platform.wire import Delivery, respond
 from oncelog.store import health
 from oncelog.store.batch import Item, Outcome, store_batch
 from oncelog.store.stats import STATS_SHARDS
+from oncelog.store.tail import NOTIFY_SQL
 
 __all__ = ["STUCK_AFTER", "Consumer"]
 
@@ -102,6 +103,8 @@ class Consumer:
         # Batches now failing STUCK_AFTER times or more: when each got stuck, the last error.
         self._stuck: dict[int, datetime] = {}
         self._last_error: str | None = None
+        # Set when a committed batch stored events: the announcer tells the live tail.
+        self._stored = asyncio.Event()
 
     @property
     def held_bytes(self) -> int:
@@ -140,6 +143,7 @@ class Consumer:
                     shard = (self.shard + i) % STATS_SHARDS
                     group.create_task(self._work(puller, stop, shard))
                 group.create_task(self._report_health(stop))
+                group.create_task(self._announce(stop))
                 group.create_task(watch(s, self.js, self.pool, self.metrics, stop))
         finally:
             await puller.stop()
@@ -206,6 +210,32 @@ class Consumer:
                     _log.debug("health report failed", extra={"error": repr(exc)})
             await _sleep_or_stop(stop, HEALTH_INTERVAL_SECONDS if stuck else 1.0)
 
+    async def _announce(self, stop: asyncio.Event) -> None:
+        """NOTIFY the live tail's listeners after commits that stored events.
+
+        Apart from the batch transaction on purpose: a transaction that notifies takes a
+        database-wide lock through its commit, WAL flush included, which would serialise the
+        commit workers. One notification covers every commit before it, so a burst of commits
+        costs one or two round trips; a lost one only delays the tail to its next poll.
+        """
+        while True:
+            stopping = asyncio.ensure_future(stop.wait())
+            stored = asyncio.ensure_future(self._stored.wait())
+            await asyncio.wait({stopping, stored}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            stored.cancel()
+            if stop.is_set():
+                return
+            self._stored.clear()
+            try:
+                async with (
+                    asyncio.timeout(HEALTH_INTERVAL_SECONDS),
+                    self.pool.acquire(timeout=HEALTH_INTERVAL_SECONDS) as conn,
+                ):
+                    await conn.execute(NOTIFY_SQL)
+            except Exception as exc:  # the store may be down; the tail polls as well
+                _log.debug("notify failed", extra={"error": repr(exc)})
+
     async def _work(self, puller: Puller, stop: asyncio.Event, shard: int) -> None:
         """Take a batch, decode, commit and ack it; again, until stopped."""
         size = self.settings.batch_size
@@ -235,6 +265,8 @@ class Consumer:
             with contextlib.suppress(Exception):
                 await respond(self.nc, msgs, b"-NAK", fast_wire=s.oncelog_fast_wire)
             return
+        if outcome.stored:
+            self._stored.set()
         await respond(self.nc, msgs, fast_wire=s.oncelog_fast_wire)
         self._observe(items, outcome)
 

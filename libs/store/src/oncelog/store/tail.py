@@ -1,0 +1,106 @@
+"""Stored events in commit order: the positions the live tail exposes, and the reads behind it.
+
+A position is (tx, pos): the storing transaction's id, then a sequence number (migration 0005
+says why). Only rows whose transaction id is below the current snapshot's xmin are exposed: all
+their transactions have ended, so nothing can still appear below the last position a reader
+saw, and resuming after it misses nothing and repeats nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+
+from oncelog.store.schema import Conn
+
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "NOTIFY_SQL",
+    "ORIGIN",
+    "Position",
+    "PositionError",
+    "head",
+    "read_after",
+]
+
+# The consumer notifies this channel after a commit that stored events; the API listens.
+NOTIFY_CHANNEL = "oncelog_stored"
+NOTIFY_SQL = f"SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
+
+_MAX = 2**63 - 1
+_TEXT = re.compile(r"(0|[1-9][0-9]{0,18})-(0|[1-9][0-9]{0,18})")
+
+# Everything below this transaction id has committed or rolled back, for good.
+_HORIZON = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+_COLUMNS = "tx, pos, topic, event_id, ts, source, payload"
+
+
+class PositionError(ValueError):
+    """Text that is not a position this store issued."""
+
+
+class Position(msgspec.Struct, frozen=True, order=True):
+    """A place in the store's commit order; compares in that order."""
+
+    tx: int
+    pos: int
+
+    def __str__(self) -> str:
+        return f"{self.tx}-{self.pos}"
+
+    @classmethod
+    def parse(cls, text: str) -> Position:
+        """Read a position written by str(); anything else raises PositionError."""
+        match = _TEXT.fullmatch(text)
+        if match is None:
+            raise PositionError("must be a position from an SSE id: two whole numbers, like 812-5")
+        tx, pos = int(match[1]), int(match[2])
+        if tx > _MAX or pos > _MAX:
+            raise PositionError("is out of range")
+        return cls(tx, pos)
+
+
+# Before every stored event.
+ORIGIN = Position(0, 0)
+
+
+async def head(conn: Conn) -> Position:
+    """Return the position of the last exposed event (ORIGIN when there is none)."""
+    row = await conn.fetchrow(
+        f"SELECT tx, pos FROM events WHERE tx < {_HORIZON} ORDER BY tx DESC, pos DESC LIMIT 1"
+    )
+    return Position(row["tx"], row["pos"]) if row is not None else ORIGIN
+
+
+async def read_after(
+    conn: Conn,
+    after: Position,
+    limit: int,
+    *,
+    until: Position | None = None,
+    condition: str | None = None,
+    params: tuple[Any, ...] = (),
+) -> list[Any]:
+    """Return up to `limit` exposed events after `after` (and at or before `until`), in order.
+
+    `condition` is an extra SQL condition on the row whose parameters are `params`, numbered
+    from $1; the position parameters follow them.
+    """
+    args: list[Any] = list(params)
+    where = [condition] if condition else []
+    args += [after.tx, after.pos]
+    where.append(f"(tx, pos) > (${len(args) - 1}, ${len(args)})")
+    if until is not None:
+        args += [until.tx, until.pos]
+        where.append(f"(tx, pos) <= (${len(args) - 1}, ${len(args)})")
+    else:
+        where.append(f"tx < {_HORIZON}")
+    args.append(limit)
+    sql = (
+        f"SELECT {_COLUMNS} FROM events WHERE "
+        + " AND ".join(where)
+        + f" ORDER BY tx, pos LIMIT ${len(args)}"
+    )
+    return await conn.fetch(sql, *args)

@@ -1,0 +1,354 @@
+"""The live tail's machinery: every stored event once, in the store's commit order, as Server-Sent Events.
+
+One follower per API process reads the rows the store exposes (oncelog.store.tail) after the
+last position it handed out, woken by the consumers' NOTIFY after each commit and by a poll, and
+hands each row to the streams whose topic pattern matches it. A stream that reconnects with
+Last-Event-ID first reads what it missed from the store, then takes the live rows after it.
+
+Memory is bounded: each stream holds at most `tail_buffer` rows. A client that reads slower than
+events arrive overflows it; the stream then drops its buffer and reads on from the store, after
+the last event it sent, at the pace the client reads (backpressure from the socket), until it
+has caught up and takes live rows again. Nothing is skipped and nothing is repeated either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import msgspec
+from asyncpg.pool import PoolConnectionProxy
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from oncelog.api import queries
+from oncelog.events import Event
+from oncelog.store import tail as store_tail
+from oncelog.store.tail import Position
+
+__all__ = ["Follower", "Subscription", "TailMetrics", "events", "frame", "matcher"]
+
+_log = logging.getLogger("oncelog.api")
+
+# How many rows one read takes, live or catching up.
+READ_BATCH = 500
+_encode = msgspec.json.Encoder().encode
+_decode_payload = msgspec.json.Decoder(dict[str, Any])
+
+
+def matcher(pattern: str | None) -> tuple[Callable[[str], bool], str | None, tuple[Any, ...]]:
+    """Return a test for topics matching `pattern` (a topic or NATS wildcard, already valid) and
+    the same condition as SQL with its parameters, from the one rule /events uses."""
+    if pattern is None:
+        return (lambda _: True), None, ()
+    condition, params = queries.topic_filter(pattern, 1)
+    if len(params) == 1:
+        exact = params[0]
+        return (lambda topic: topic == exact), condition, tuple(params)
+    # The LIKE prefix only helps the index; the regex alone decides.
+    regex = re.compile(params[1])
+    return (lambda topic: regex.fullmatch(topic) is not None), condition, tuple(params)
+
+
+def frame(row: Any) -> bytes:
+    """One SSE message: the position as its id, the event as /events returns it as its data.
+
+    JSON from msgspec never holds a raw CR or LF, so the data is one line whatever it carries.
+    """
+    event = Event(
+        topic=row["topic"],
+        event_id=row["event_id"],
+        timestamp=row["ts"],
+        source=row["source"],
+        payload=_decode_payload.decode(row["payload"]),
+    )
+    return b"id: %d-%d\ndata: %s\n\n" % (row["tx"], row["pos"], _encode(event))
+
+
+def _position(row: Any) -> Position:
+    return Position(row["tx"], row["pos"])
+
+
+# The first wait before reconnecting to the store after losing it.
+_FIRST_DELAY = 0.1
+# The first second look after a NOTIFY that found nothing exposed yet.
+_RECHECK = 0.005
+
+# Put in a stream's queue instead of rows it had no room for.
+_OVERFLOW: Any = object()
+
+
+class Subscription:
+    """One client's subscription: its topic test and a bounded queue of live rows."""
+
+    def __init__(self, matches: Callable[[str], bool], capacity: int) -> None:
+        self.matches = matches
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(capacity + 1)
+        self.capacity = capacity
+        # Everything at or before this position is the store's to read; after it, the queue's.
+        self.live_from: Position = store_tail.ORIGIN
+        self.overflowed = False
+
+    def offer(self, row: Any) -> None:
+        """Queue a live row; on overflow drop the queue and leave a marker instead."""
+        if self.overflowed or not self.matches(row["topic"]):
+            return
+        if self.queue.qsize() < self.capacity:
+            self.queue.put_nowait(row)
+            return
+        self.overflowed = True
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(_OVERFLOW)
+
+
+class Follower:
+    """Follows the store's exposed positions for this process and feeds the open streams."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        poll_seconds: float,
+        max_streams: int,
+        buffer: int,
+        on_count: Callable[[int], None] = lambda _: None,
+    ) -> None:
+        self.pool = pool
+        self.poll_seconds = poll_seconds
+        self.max_streams = max_streams
+        self.buffer = buffer
+        self.on_count = on_count
+        self.streams: set[Subscription] = set()
+        # Where the live rows handed out end; None while nothing follows the store.
+        self.position: Position | None = None
+        self._synced = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._delay = _FIRST_DELAY
+
+    @property
+    def full(self) -> bool:
+        """Whether another stream would exceed the cap."""
+        return len(self.streams) >= self.max_streams
+
+    async def open(self, matches: Callable[[str], bool], wait: float) -> Subscription:
+        """Register a stream; its live rows start after the position it is given."""
+        stream = Subscription(matches, self.buffer)
+        self.streams.add(stream)
+        self.on_count(len(self.streams))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._follow(), name="oncelog-tail")
+        try:
+            async with asyncio.timeout(wait):
+                await self._synced.wait()
+        except BaseException:
+            self.close(stream)
+            raise
+        self.restart(stream)
+        return stream
+
+    def restart(self, stream: Subscription) -> None:
+        """(Re)start a stream's live rows after the current position, with an empty queue."""
+        assert self.position is not None
+        while not stream.queue.empty():
+            stream.queue.get_nowait()
+        stream.overflowed = False
+        stream.live_from = self.position
+
+    def close(self, stream: Subscription) -> None:
+        """Unregister a stream; the last one out stops following the store."""
+        self.streams.discard(stream)
+        self.on_count(len(self.streams))
+        if not self.streams and self._task is not None:
+            self._task.cancel()
+            self._task = None
+            self.position = None
+            self._synced.clear()
+
+    async def stop(self) -> None:
+        """Stop following (at shutdown)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _notified(self, *_: Any) -> None:
+        self._wake.set()
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                async with self.pool.acquire() as conn:
+                    await self._listen(conn)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _log.warning("live tail: store unreachable, retrying", extra={"error": repr(exc)})
+                await asyncio.sleep(self._delay)
+                self._delay = min(self._delay * 2, 5.0)
+            else:  # pragma: no cover - _listen returns only by raising
+                return
+
+    async def _listen(self, conn: PoolConnectionProxy[Any]) -> None:
+        await conn.add_listener(store_tail.NOTIFY_CHANNEL, self._notified)
+        self._delay = _FIRST_DELAY
+        try:
+            if self.position is None:
+                self.position = await store_tail.head(conn)
+                self._synced.set()
+            # After a NOTIFY whose rows are not exposed yet (an older transaction is still
+            # open), look again soon, then less and less often, up to the poll interval.
+            recheck: float | None = None
+            while True:
+                self._wake.clear()
+                if await self._read(conn):
+                    recheck = _RECHECK
+                    continue
+                woke = False
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(recheck or self.poll_seconds):
+                        woke = await self._wake.wait()
+                if woke:
+                    recheck = _RECHECK
+                elif recheck is not None:
+                    recheck = recheck * 2 if recheck * 2 < self.poll_seconds else None
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.remove_listener(store_tail.NOTIFY_CHANNEL, self._notified)
+
+    async def _read(self, conn: PoolConnectionProxy[Any]) -> bool:
+        """Hand out the next exposed rows; return whether there were any."""
+        assert self.position is not None
+        rows = await store_tail.read_after(conn, self.position, READ_BATCH)
+        if not rows:
+            return False
+        # No await from here on: a stream registered now starts after these rows.
+        for row in rows:
+            for stream in self.streams:
+                stream.offer(row)
+        self.position = _position(rows[-1])
+        return True
+
+
+async def events(
+    follower: Follower,
+    stream: Subscription,
+    after: Position | None,
+    condition: tuple[str | None, tuple[Any, ...]],
+    connection: Callable[[], contextlib.AbstractAsyncContextManager[Any]],
+    keepalive: float,
+    *,
+    on_resync: Callable[[], None] = lambda: None,
+    on_sent: Callable[[int], None] = lambda _: None,
+    closing: asyncio.Event | None = None,
+) -> AsyncIterator[bytes]:
+    """The SSE body of one stream: what the store holds after `after`, then the live rows.
+
+    Rows go out a page (or whatever is queued) per write. It ends when `closing` is set (the
+    server is stopping): the client reconnects with the last id it got, to this process or
+    another, and misses nothing.
+    """
+    sql, params = condition
+    closing = closing or asyncio.Event()
+    last = after if after is not None else stream.live_from
+    # How long EventSource waits before reconnecting, in milliseconds.
+    yield b"retry: 1000\n\n"
+    try:
+        while not closing.is_set():
+            # Catch up from the store up to where the live rows begin.
+            while last < stream.live_from and not closing.is_set():
+                async with connection() as conn:
+                    rows = await store_tail.read_after(
+                        conn, last, READ_BATCH, until=stream.live_from, condition=sql, params=params
+                    )
+                if not rows:
+                    break
+                yield b"".join(map(frame, rows))
+                on_sent(len(rows))
+                last = _position(rows[-1])
+            async for batch in _live(stream, closing, keepalive):
+                if batch is None:
+                    yield b": keep-alive\n\n"
+                    continue
+                overflow = batch[-1] is _OVERFLOW
+                chunk: list[bytes] = []
+                for row in batch[:-1] if overflow else batch:
+                    position = _position(row)
+                    if position > last:
+                        chunk.append(frame(row))
+                        last = position
+                if chunk:
+                    yield b"".join(chunk)
+                    on_sent(len(chunk))
+                if overflow:
+                    # Too slow for the live rows: read on from the store after `last` instead.
+                    on_resync()
+                    follower.restart(stream)
+                    break
+    finally:
+        follower.close(stream)
+
+
+async def _live(
+    stream: Subscription, closing: asyncio.Event, keepalive: float
+) -> AsyncIterator[list[Any] | None]:
+    """Yield what the stream's queue holds, as soon as it holds anything; None after
+    `keepalive` seconds without a row; stop after an overflow marker or when `closing` is set."""
+    stopping = asyncio.ensure_future(closing.wait())
+    # One pending get survives keep-alives, so no row is ever taken and then dropped.
+    getting: asyncio.Future[Any] | None = None
+    queue = stream.queue
+    try:
+        while True:
+            if getting is None:
+                getting = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait(
+                {getting, stopping}, timeout=keepalive, return_when=asyncio.FIRST_COMPLETED
+            )
+            if getting in done:
+                batch, getting = [getting.result()], None
+                while batch[-1] is not _OVERFLOW and not queue.empty():
+                    batch.append(queue.get_nowait())
+                yield batch
+                if batch[-1] is _OVERFLOW:
+                    return
+            elif stopping in done:
+                return
+            else:
+                yield None
+    finally:
+        if getting is not None:
+            getting.cancel()
+        stopping.cancel()
+
+
+class TailMetrics:
+    """What the live tail exports, on the API's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.streams = Gauge(
+            "oncelog_tail_streams",
+            "Live-tail streams (GET /events/stream) open in this process.",
+            registry=registry,
+        )
+        self.sent = Counter(
+            "oncelog_tail_events_sent_total",
+            "Events sent to live-tail streams.",
+            registry=registry,
+        )
+        self.resyncs = Counter(
+            "oncelog_tail_resyncs_total",
+            "Times a stream fell a whole buffer behind and read on from the store.",
+            registry=registry,
+        )
+        self.refused = Counter(
+            "oncelog_tail_refused_total",
+            "Streams refused with 503 because TAIL_MAX_STREAMS were open.",
+            registry=registry,
+        )
