@@ -26,6 +26,10 @@ bench-scaling *args:
 publish *args:
     exec {{python}} -m oncelog.publisher {{args}}
 
+# follow the stored events live, one JSON line each (e.g. `just tail 'auth.>'`; `--after 0-0` starts from the beginning)
+tail *args:
+    exec {{python}} -m oncelog.local.tail {{args}}
+
 # run the test suite (unit and integration, real servers; fault scenarios marked slow excluded), then the consumer's tests on nats-py's public path
 test *args:
     {{dev}} pytest -m "not slow" {{args}}

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -120,7 +122,7 @@ async def test_two_tails_get_exactly_the_stored_events_once_in_order_and_resume_
     it), from two NATS and two HTTP publishers, stored by two consumer replicas. A tail of
     `auth.>` and one of `*.prod` each receive exactly the matching stored events, once each, in
     position order, with the same JSON as /events; the second disconnects mid-way and resumes
-    with Last-Event-ID, missing nothing and repeating nothing."""
+    with Last-Event-ID on another API process, missing nothing and repeating nothing."""
     # A short broker window, so that replays past it are quick to make; every service
     # provisions the stream with it.
     settings = msgspec.structs.replace(settings, duplicate_window_seconds=1.0)
@@ -134,6 +136,7 @@ async def test_two_tails_get_exactly_the_stored_events_once_in_order_and_resume_
 
     async with (
         serving(settings) as base,
+        serving(settings) as other,
         running_consumer(settings, js, pool, shard=0),
         running_consumer(settings, js, pool, shard=1),
     ):
@@ -178,8 +181,10 @@ async def test_two_tails_get_exactly_the_stored_events_once_in_order_and_resume_
             over_http(first[2 * quarter : 3 * quarter]),
             over_http(first[3 * quarter :]),
         )
-        # The first part of the *.prod tail ends; it reconnects while the replays go in.
+        # The first part of the *.prod tail ends; it reconnects, to another API process, while
+        # the replays go in.
         await asyncio.wait_for(prod_first, 60)
+        prod.base = other
         resumed = asyncio.create_task(prod.run(after=prod.last_id))
         await asyncio.sleep(1.2)  # past the broker's 1 s window: the store must catch these
         await asyncio.gather(over_nats(past[:750]), over_http(past[750:]))
@@ -311,3 +316,56 @@ async def test_a_stopping_server_ends_its_streams(
         await asyncio.wait_for(tailer.connected.wait(), 10)
     # serving() set `closing` and waited for the server: the stream ended by itself.
     await asyncio.wait_for(task, 10)
+
+
+async def test_just_tail_prints_one_json_line_per_event_and_resumes(
+    settings: ConsumerSettings, js: JetStreamContext, pool: asyncpg.Pool
+) -> None:
+    """`python -m oncelog.local.tail` (what `just tail` runs) prints each matching stored event
+    as one JSON line; with --after 0-0 it starts from the beginning of the store."""
+    async with serving(settings) as base, running_consumer(settings, js, pool):
+        async with httpx.AsyncClient(base_url=base) as http:
+            body = [{"topic": f"cli.{t}", "event_id": str(i)} for i in range(5) for t in "ab"]
+            assert (await http.post("/publish", json=body)).status_code == 202
+
+        async def stored() -> bool:
+            return int(await pool.fetchval("SELECT count(*) FROM events")) == 10
+
+        await wait_until(stored, within=30)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "oncelog.local.tail",
+            "cli.a",
+            "--after",
+            "0-0",
+            env=dict(os.environ) | {"API_URL": base},
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert proc.stdout is not None
+            lines = [
+                json.loads(await asyncio.wait_for(proc.stdout.readline(), 20)) for _ in range(5)
+            ]
+        finally:
+            proc.terminate()
+            await proc.wait()
+    assert sorted(e["event_id"] for e in lines) == [str(i) for i in range(5)]
+    assert {e["topic"] for e in lines} == {"cli.a"}
+
+
+async def test_just_tail_with_no_api_says_so_and_exits() -> None:
+    """With nothing listening, the CLI ends in bounded time with one line naming the URL."""
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "oncelog.local.tail",
+        env=dict(os.environ) | {"API_URL": url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    assert url in err.decode()
+    assert "Traceback" not in err.decode()
