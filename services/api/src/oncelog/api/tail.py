@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -78,32 +79,40 @@ _FIRST_DELAY = 0.1
 # The first second look after a NOTIFY that found nothing exposed yet.
 _RECHECK = 0.005
 
-# Put in a stream's queue instead of rows it had no room for.
+# What a stream's live rows give instead of rows when it fell a whole buffer behind.
 _OVERFLOW: Any = object()
 
 
 class Subscription:
-    """One client's subscription: its topic test and a bounded queue of live rows."""
+    """One client's subscription: its topic test and a bounded buffer of live frames."""
 
     def __init__(self, matches: Callable[[str], bool], capacity: int) -> None:
         self.matches = matches
-        self.queue: asyncio.Queue[Any] = asyncio.Queue(capacity + 1)
         self.capacity = capacity
-        # Everything at or before this position is the store's to read; after it, the queue's.
+        # (position, SSE frame) of each live row, in order; filled by the follower.
+        self.rows: deque[tuple[Position, bytes]] = deque()
+        self.ready = asyncio.Event()
+        # Everything at or before this position is the store's to read; after it, the buffer's.
         self.live_from: Position = store_tail.ORIGIN
         self.overflowed = False
 
-    def offer(self, row: Any) -> None:
-        """Queue a live row; on overflow drop the queue and leave a marker instead."""
-        if self.overflowed or not self.matches(row["topic"]):
+    def offer(self, item: tuple[Position, bytes]) -> None:
+        """Buffer a live row; on overflow drop the buffer and stop buffering until restarted."""
+        if self.overflowed:
             return
-        if self.queue.qsize() < self.capacity:
-            self.queue.put_nowait(row)
-            return
-        self.overflowed = True
-        while not self.queue.empty():
-            self.queue.get_nowait()
-        self.queue.put_nowait(_OVERFLOW)
+        if len(self.rows) >= self.capacity:
+            self.overflowed = True
+            self.rows.clear()
+        else:
+            self.rows.append(item)
+        self.ready.set()
+
+    def take(self) -> list[tuple[Position, bytes]]:
+        """Return and clear what the buffer holds."""
+        rows = list(self.rows)
+        self.rows.clear()
+        self.ready.clear()
+        return rows
 
 
 class Follower:
@@ -153,10 +162,10 @@ class Follower:
         return stream
 
     def restart(self, stream: Subscription) -> None:
-        """(Re)start a stream's live rows after the current position, with an empty queue."""
+        """(Re)start a stream's live rows after the current position, with an empty buffer."""
         assert self.position is not None
-        while not stream.queue.empty():
-            stream.queue.get_nowait()
+        stream.rows.clear()
+        stream.ready.clear()
         stream.overflowed = False
         stream.live_from = self.position
 
@@ -228,10 +237,17 @@ class Follower:
         rows = await store_tail.read_after(conn, self.position, READ_BATCH)
         if not rows:
             return False
-        # No await from here on: a stream registered now starts after these rows.
+        # No await from here on: a stream registered now starts after these rows. Each row is
+        # framed once, however many streams take it.
+        streams = list(self.streams)
         for row in rows:
-            for stream in self.streams:
-                stream.offer(row)
+            topic = row["topic"]
+            item: tuple[Position, bytes] | None = None
+            for stream in streams:
+                if stream.matches(topic):
+                    if item is None:
+                        item = (_position(row), frame(row))
+                    stream.offer(item)
         self.position = _position(rows[-1])
         return True
 
@@ -250,7 +266,7 @@ async def events(
 ) -> AsyncIterator[bytes]:
     """The SSE body of one stream: what the store holds after `after`, then the live rows.
 
-    Rows go out a page (or whatever is queued) per write. It ends when `closing` is set (the
+    Rows go out a page (or whatever is buffered) per write. It ends when `closing` is set (the
     server is stopping): the client reconnects with the last id it got, to this process or
     another, and misses nothing.
     """
@@ -276,55 +292,45 @@ async def events(
                 if batch is None:
                     yield b": keep-alive\n\n"
                     continue
-                overflow = batch[-1] is _OVERFLOW
-                chunk: list[bytes] = []
-                for row in batch[:-1] if overflow else batch:
-                    position = _position(row)
-                    if position > last:
-                        chunk.append(frame(row))
-                        last = position
-                if chunk:
-                    yield b"".join(chunk)
-                    on_sent(len(chunk))
-                if overflow:
+                if batch is _OVERFLOW:
                     # Too slow for the live rows: read on from the store after `last` instead.
                     on_resync()
                     follower.restart(stream)
                     break
+                chunk = [data for position, data in batch if position > last]
+                if chunk:
+                    yield b"".join(chunk)
+                    on_sent(len(chunk))
+                    last = batch[-1][0]
     finally:
         follower.close(stream)
 
 
 async def _live(
     stream: Subscription, closing: asyncio.Event, keepalive: float
-) -> AsyncIterator[list[Any] | None]:
-    """Yield what the stream's queue holds, as soon as it holds anything; None after
-    `keepalive` seconds without a row; stop after an overflow marker or when `closing` is set."""
+) -> AsyncIterator[Any]:
+    """Yield the stream's buffered rows as soon as there are any; None after `keepalive`
+    seconds without one; _OVERFLOW, then stop, when it fell behind; stop when `closing` is set."""
     stopping = asyncio.ensure_future(closing.wait())
-    # One pending get survives keep-alives, so no row is ever taken and then dropped.
-    getting: asyncio.Future[Any] | None = None
-    queue = stream.queue
     try:
         while True:
-            if getting is None:
-                getting = asyncio.ensure_future(queue.get())
-            done, _ = await asyncio.wait(
-                {getting, stopping}, timeout=keepalive, return_when=asyncio.FIRST_COMPLETED
-            )
-            if getting in done:
-                batch, getting = [getting.result()], None
-                while batch[-1] is not _OVERFLOW and not queue.empty():
-                    batch.append(queue.get_nowait())
-                yield batch
-                if batch[-1] is _OVERFLOW:
+            if not stream.ready.is_set():
+                # The event is the state; a wait cancelled here loses nothing.
+                waiting = asyncio.ensure_future(stream.ready.wait())
+                done, _ = await asyncio.wait(
+                    {waiting, stopping}, timeout=keepalive, return_when=asyncio.FIRST_COMPLETED
+                )
+                waiting.cancel()
+                if stopping in done:
                     return
-            elif stopping in done:
+                if not stream.ready.is_set():
+                    yield None
+                    continue
+            if stream.overflowed:
+                yield _OVERFLOW
                 return
-            else:
-                yield None
+            yield stream.take()
     finally:
-        if getting is not None:
-            getting.cancel()
         stopping.cancel()
 
 
