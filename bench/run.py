@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -344,6 +345,80 @@ async def http_ingest(s: Stack, count: int, clients: int = 8, batch: int = 100) 
     }
 
 
+class TailReader:
+    """A live-tail client that only counts the events it receives: a few instructions per
+    kilobyte, so the API's work is what the tail scenario measures, not the client's."""
+
+    MARK = b"\ndata: "
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.count = 0
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def connect(self) -> None:
+        """Open the stream and return once the API has registered it (its first line)."""
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writer.write(b"GET /events/stream HTTP/1.1\r\nHost: bench\r\n\r\n")
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"the tail was refused: {head[:200]!r}")
+        await self.reader.readuntil(b"retry:")
+
+    async def run(self) -> None:
+        assert self.reader is not None
+        carry = b""
+        keep = len(self.MARK) - 1
+        while chunk := await self.reader.read(1 << 16):
+            data = carry + chunk
+            self.count += data.count(self.MARK)
+            carry = data[-keep:]
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+
+
+async def tail_drain(s: Stack, count: int, tails: int) -> dict[str, Any]:
+    """Drain the backlog with the API running and `tails` clients following the live tail;
+    every client must receive every stored event."""
+    port = free_port()
+    api = s.spawn("oncelog.api", API_PORT=str(port))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        await api_ready(client)
+    readers = [TailReader(port) for _ in range(tails)]
+    await asyncio.gather(*(r.connect() for r in readers))
+    reading = [asyncio.create_task(r.run()) for r in readers]
+    consumer = s.spawn("oncelog.consumer", METRICS_PORT=str(free_port()), CONSUMER_ID="bench-0")
+    t0, _, at_first = await wait_received(s, count, [consumer, api])
+    t1 = await wait_acked(s)
+    stored = (await stats(s.settings.database_url))[1]
+    deadline = time.monotonic() + 120
+    while any(r.count < stored for r in readers):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"tails got {[r.count for r in readers]} of {stored} events")
+        await asyncio.sleep(0.05)
+    caught_up = time.monotonic()
+    got = [r.count for r in readers]
+    api_rss = peak_rss_mib(api.pid)
+    for task in reading:
+        task.cancel()
+    for r in readers:
+        await r.close()
+    s.stop_services()
+    if any(n != stored for n in got):
+        raise RuntimeError(f"tails got {got} events, {stored} were stored")
+    return {
+        "tails": tails,
+        "events_per_second": round((count - at_first) / (t1 - t0)),
+        "tail_caught_up_after_seconds": round(caught_up - t1, 2) if tails else 0.0,
+        "api_peak_rss_mib": api_rss,
+    }
+
+
 def histogram(text: str, name: str) -> list[tuple[float, float]]:
     """Return (upper bound, cumulative count) pairs of a histogram in Prometheus text."""
     out = []
@@ -552,6 +627,18 @@ def render(results: dict[str, Any]) -> str:
                 "during the drain",
             ),
         ]
+    if (t := results.get("tail")) is not None:
+        with_tails = statistics.median(b["events_per_second"] for _, b in t["pairs"])
+        without = statistics.median(a["events_per_second"] for a, _ in t["pairs"])
+        rows.append(
+            (
+                "drain with 10 live-tail clients",
+                f"{t['ratio']:.2f} of the drain without",
+                f"ratios {min(t['ratios']):.2f}-{max(t['ratios']):.2f} over {len(t['ratios'])} "
+                f"interleaved pairs; {with_tails:,} vs {without:,} events/s, "
+                f"{t['backlog']:,} messages",
+            )
+        )
     api_rss = [results[k]["api_peak_rss_mib"] for k in ("http", "queries") if k in results]
     if api_rss:
         rows.append(("API peak RSS", f"{max(api_rss)} MiB", "during ingestion and queries"))
@@ -606,7 +693,40 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-SCENARIOS = ("drain", "sync", "live", "http", "latency")
+def tail_pairs(tmp: Path, runs: int, backlog: int) -> dict[str, Any]:
+    """Drain with 0 and with 10 tailing clients, in interleaved pairs on fresh stacks, so the
+    machine's drift between hours hits both alike; report the median ratio."""
+    pairs = []
+    for n in range(runs):
+        pair = []
+        for tails in (0, 10):
+            with stack(tmp / f"t{n}-{tails}") as s:
+                asyncio.run(preload(s, backlog, 0.3))
+                pair.append(asyncio.run(tail_drain(s, backlog, tails)))
+        sys.stderr.write(f"tail pair {n + 1}: {pair}\n")
+        pairs.append(pair)
+    ratios = [round(b["events_per_second"] / a["events_per_second"], 3) for a, b in pairs]
+    return {
+        "backlog": backlog,
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "pairs": pairs,
+    }
+
+
+SCENARIOS = ("drain", "sync", "live", "http", "latency", "tail")
+
+
+def write(results: dict[str, Any], out: Path, *, full: bool) -> None:
+    """Write the JSON (and, for a full run, the plot) and print the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    (out / f"bench-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
+    written = f"{out}/bench-{stamp}.json"
+    if full:
+        plot(results, out / f"bench-{stamp}.png")
+        written += " and .png"
+    sys.stdout.write(render(results) + f"\n\nresults: {written}\n")
 
 
 def main() -> None:
@@ -666,14 +786,9 @@ def main() -> None:
             results["latency"] = median_run(latency_runs, "p99_ms")
             with stack(Path(tmp) / "f") as s:
                 results["latency_1k"] = asyncio.run(latency(s, 1000, 6 if args.quick else 20))
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    (args.out / f"bench-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
-    written = f"{args.out}/bench-{stamp}.json"
-    if only == set(SCENARIOS):
-        plot(results, args.out / f"bench-{stamp}.png")
-        written += " and .png"
-    sys.stdout.write(render(results) + f"\n\nresults: {written}\n")
+        if "tail" in only:
+            results["tail"] = tail_pairs(Path(tmp), runs, 50_000 if args.quick else 200_000)
+    write(results, args.out, full=only == set(SCENARIOS))
 
 
 if __name__ == "__main__":
