@@ -251,6 +251,8 @@ _PUBLISH_BODY = {
                         "type": "object",
                         "properties": {"events": {"type": "array", "items": _EVENT}},
                         "required": ["events"],
+                        # An object with an event_id is one event, whatever else it holds.
+                        "not": {"required": ["event_id"]},
                     },
                 ]
             }
