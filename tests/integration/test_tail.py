@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-import msgspec
 import httpx
+import msgspec
 import uvicorn
 from nats.js import JetStreamContext
 
@@ -191,7 +191,7 @@ async def test_two_tails_get_exactly_the_stored_events_once_in_order_and_resume_
 
         async def drained() -> bool:
             info = await js.consumer_info(settings.stream, settings.durable)
-            return info.num_pending == 0 and info.num_ack_pending == 0
+            return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
         await wait_until(drained, within=120)
         totals = await assert_invariants(pool)
@@ -290,6 +290,8 @@ async def test_keep_alives_cap_keys_and_hostile_positions(
                 ({"after": "12"}, {}, "after"),
                 ({"after": "1-2-3"}, {}, "after"),
                 ({"after": "99999999999999999999-1"}, {}, "after"),
+                ({"after": ""}, {}, "after"),
+                ({"after": "01-2"}, {}, "after"),
                 ({}, {"Last-Event-ID": "x"}, "Last-Event-ID"),
                 ({}, {"Last-Event-ID": "-1-1"}, "Last-Event-ID"),
                 ({}, {"Last-Event-ID": "\u0661-2".encode()}, "Last-Event-ID"),
@@ -299,7 +301,10 @@ async def test_keep_alives_cap_keys_and_hostile_positions(
                 async def refused(
                     p: dict[str, str] = params, h: dict[str, str | bytes] = headers
                 ) -> httpx.Response:
-                    return await http.get("/events/stream", params=p, headers=h)
+                    raw = {
+                        k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in h.items()
+                    }
+                    return await http.get("/events/stream", params=p, headers=raw)
 
                 resp = await asyncio.wait_for(refused(), 10)
                 assert resp.status_code == 422, (params, headers, resp.text)

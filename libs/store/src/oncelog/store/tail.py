@@ -19,6 +19,7 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "NOTIFY_SQL",
     "ORIGIN",
+    "POSITION_PATTERN",
     "Position",
     "PositionError",
     "head",
@@ -29,8 +30,10 @@ __all__ = [
 NOTIFY_CHANNEL = "oncelog_stored"
 NOTIFY_SQL = f"SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
 
-_MAX = 2**63 - 1
-_TEXT = re.compile(r"(0|[1-9][0-9]{0,18})-(0|[1-9][0-9]{0,18})")
+# Two whole numbers of at most 18 digits (below 2^63, so PostgreSQL's bigint holds them), with
+# no sign, no leading zero and ASCII digits only: one text per position.
+POSITION_PATTERN = r"^(0|[1-9][0-9]{0,17})-(0|[1-9][0-9]{0,17})$"
+_TEXT = re.compile(POSITION_PATTERN.removeprefix("^").removesuffix("$"))
 
 # Everything below this transaction id has committed or rolled back, for good.
 _HORIZON = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
@@ -56,10 +59,7 @@ class Position(msgspec.Struct, frozen=True, order=True):
         match = _TEXT.fullmatch(text)
         if match is None:
             raise PositionError("must be a position from an SSE id: two whole numbers, like 812-5")
-        tx, pos = int(match[1]), int(match[2])
-        if tx > _MAX or pos > _MAX:
-            raise PositionError("is out of range")
-        return cls(tx, pos)
+        return cls(int(match[1]), int(match[2]))
 
 
 # Before every stored event.

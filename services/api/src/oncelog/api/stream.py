@@ -5,16 +5,18 @@ from __future__ import annotations
 from typing import Annotated
 
 from litestar import get
+from litestar.openapi.spec import OpenAPIType
 from litestar.params import HeaderParameter, Parameter
 from litestar.response import Stream
 
 from oncelog.api.errors import Unavailable, invalid
-from oncelog.api.openapi import errors
+from oncelog.api.openapi import ReadOperation, errors
 from oncelog.api.protect import guard_read
+from oncelog.api.routes import TopicQuery
 from oncelog.api.state import AppState
 from oncelog.api.tail import events, matcher
 from oncelog.events import pattern_error
-from oncelog.store.tail import Position, PositionError
+from oncelog.store.tail import POSITION_PATTERN, Position, PositionError
 
 __all__ = ["stream_events"]
 
@@ -24,30 +26,29 @@ _AFTER_DOC = (
 )
 
 
+# Documented as a string that may be left out (never JSON null), in the one format parse() reads.
+_POSITION = {"one_of": None, "type": OpenAPIType.STRING, "pattern": POSITION_PATTERN}
+
+
 @get(
     "/events/stream",
     summary="Live tail: stored events as Server-Sent Events, once each, in commit order",
     tags=["events"],
     guards=[guard_read],
+    operation_class=ReadOperation,
     responses=errors(401, 422, 429, 503),
     media_type="text/event-stream",
 )
 async def stream_events(
     state: AppState,
-    topic: Annotated[
-        str | None,
-        Parameter(
-            description="A topic, or a NATS pattern: auth.* (one token) or auth.> (one or more)",
-            max_length=255,
-        ),
-    ] = None,
-    after: Annotated[str | None, Parameter(description=_AFTER_DOC, max_length=40)] = None,
+    topic: TopicQuery = None,
+    after: Annotated[str | None, Parameter(description=_AFTER_DOC, schema_extra=_POSITION)] = None,
     last_event_id: Annotated[
         str | None,
         HeaderParameter(
             name="Last-Event-ID",
             description="The id of the last event received, sent by EventSource on reconnect",
-            max_length=40,
+            schema_extra=_POSITION,
         ),
     ] = None,
 ) -> Stream:
@@ -57,7 +58,7 @@ async def stream_events(
         raise invalid("topic", bad)
     resume: Position | None = None
     for field, value in (("Last-Event-ID", last_event_id), ("after", after)):
-        if value is not None and value != "":
+        if value is not None:
             try:
                 resume = Position.parse(value)
             except PositionError as exc:
