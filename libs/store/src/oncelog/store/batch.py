@@ -38,27 +38,64 @@ ON CONFLICT (topic, event_id) DO NOTHING
 RETURNING stream_seq
 """
 
+# The dedup horizon, checked for the rows an insert stored: is a row's key remembered as
+# expired? A separate statement on purpose: under READ COMMITTED it takes a fresh snapshot, so
+# it sees the key that a retention transaction committed while the insert waited on the row it
+# deleted (an insert that then succeeds, because the row is gone). A NOT EXISTS inside the
+# insert would use the insert's own, older snapshot and miss it. One index probe per inserted
+# row, and nothing at all for the rows that conflicted.
+_EXPIRED_KEYS = """
+SELECT (b.r->>0)::bigint AS seq
+FROM jsonb_array_elements($1::text::jsonb) AS b(r)
+CROSS JOIN LATERAL (
+    SELECT 1 FROM expired_keys WHERE key = event_key(b.r->>1, b.r->>2) OFFSET 0
+) k
+"""
+
+# Deletes only rows this transaction stored whose key is remembered as expired (migration 0006).
+_UNDO_EXPIRED = "SELECT undo_expired_inserts($1::text[], $2::text[])"
+
 # A conflict whose stored row came from the same stream sequence is a redelivery of a message
 # already committed (crash between commit and ack): it is neither a duplicate nor counted again.
+# A copy whose original expired is judged by the key the horizon keeps instead (its payload is
+# gone, so whether it differed is unknown: NULL). A copy found in neither place lost its
+# original to retention between the insert and this statement, past the horizon: it is
+# reported `missing` and inserted again.
 _INSERT_DUPLICATES = """
-INSERT INTO duplicates (stream_seq, topic, event_id, received_at, first_received_at, same_payload)
-SELECT (d.r->>0)::bigint, e.topic, e.event_id,
-       timestamptz 'epoch' + (d.r->>3)::bigint * interval '1 microsecond', e.received_at,
-       e.payload = d.r->4
-FROM jsonb_array_elements($1::text::jsonb) AS d(r)
--- One primary-key probe per duplicate, whatever the table size or its statistics: OFFSET 0
--- keeps the planner from flattening the subquery into a join, which on an unanalysed table it
--- turned into a hash join over a sequential scan of every stored event, once per batch.
-CROSS JOIN LATERAL (
-    SELECT topic, event_id, received_at, payload, stream_seq FROM events
-    WHERE topic = d.r->>1 AND event_id = d.r->>2
-    OFFSET 0
-) e
-WHERE e.stream_seq <> (d.r->>0)::bigint
-ORDER BY 1
-ON CONFLICT (stream_seq) DO NOTHING
-RETURNING topic, same_payload, extract(epoch FROM received_at - first_received_at)::float8 AS age,
-          stream_seq
+WITH looked AS (
+    SELECT (d.r->>0)::bigint AS seq, d.r->>1 AS topic, d.r->>2 AS event_id,
+           timestamptz 'epoch' + (d.r->>3)::bigint * interval '1 microsecond' AS received_at,
+           d.r->4 AS payload, e.stream_seq AS e_seq, e.received_at AS e_received,
+           e.payload AS e_payload, k.stream_seq AS k_seq, k.stored_at AS k_stored
+    FROM jsonb_array_elements($1::text::jsonb) AS d(r)
+    -- One primary-key probe per duplicate, whatever the table size or its statistics: OFFSET 0
+    -- keeps the planner from flattening the subquery into a join, which on an unanalysed table
+    -- it turned into a hash join over a sequential scan of every stored event, once per batch.
+    LEFT JOIN LATERAL (
+        SELECT received_at, payload, stream_seq FROM events
+        WHERE topic = d.r->>1 AND event_id = d.r->>2
+        OFFSET 0
+    ) e ON true
+    LEFT JOIN LATERAL (
+        SELECT stream_seq, stored_at FROM expired_keys
+        WHERE e.stream_seq IS NULL AND key = event_key(d.r->>1, d.r->>2)
+        OFFSET 0
+    ) k ON true
+), logged AS (
+    INSERT INTO duplicates (stream_seq, topic, event_id, received_at, first_received_at,
+                            same_payload)
+    SELECT seq, topic, event_id, received_at, COALESCE(e_received, k_stored),
+           CASE WHEN e_seq IS NOT NULL THEN e_payload = payload END
+    FROM looked
+    WHERE COALESCE(e_seq, k_seq) <> seq
+    ORDER BY seq
+    ON CONFLICT (stream_seq) DO NOTHING
+    RETURNING topic, same_payload,
+              extract(epoch FROM received_at - first_received_at)::float8 AS age, stream_seq
+)
+SELECT topic, same_payload, age, stream_seq, false AS missing FROM logged
+UNION ALL
+SELECT topic, NULL, NULL, seq, true FROM looked WHERE e_seq IS NULL AND k_seq IS NULL
 """
 
 _INSERT_DEAD = """
@@ -280,11 +317,18 @@ async def _store(conn: Conn, items: list[Item], shard: int, unstorable: dict[int
     return outcome
 
 
+# How many times a batch re-inserts copies whose originals expired under it before it gives
+# up (and is retried whole): each round needs another expiry to race it, so one nearly always
+# suffices.
+_MAX_ROUNDS = 5
+
+
 async def _insert_events(
     conn: Conn,
     valid: list[tuple[Item, Decoded]],
     counts: defaultdict[str, _Counts],
     outcome: Outcome,
+    round_: int = 0,
 ) -> None:
     rows = [
         (
@@ -299,7 +343,10 @@ async def _insert_events(
         for i, e in valid
     ]
     inserted = {r[0] for r in await conn.fetch(_INSERT_EVENTS, _encode(rows).decode())}
+    if inserted:
+        await _undo_expired(conn, [(i, e) for i, e in valid if i.seq in inserted], inserted)
     rest: list[tuple[int, str, str, int, msgspec.Raw]] = []
+    by_seq: dict[int, tuple[Item, Decoded]] = {}
     for item, event in valid:
         if item.seq in inserted:
             c = counts[event.topic]
@@ -311,6 +358,7 @@ async def _insert_events(
             if c.last_ts is None or ts > c.last_ts:
                 c.last_ts = ts
         else:
+            by_seq[item.seq] = (item, event)
             rest.append(
                 (
                     item.seq,
@@ -320,19 +368,48 @@ async def _insert_events(
                     msgspec.Raw(event.payload),
                 )
             )
-    outcome.stored = inserted
+    outcome.stored |= inserted
     if not rest:
         return
-    dups = await conn.fetch(_INSERT_DUPLICATES, _encode(rest).decode())
-    for topic, same_payload, age, seq in dups:
+    missing: list[tuple[Item, Decoded]] = []
+    for topic, same_payload, age, seq, lost in await conn.fetch(
+        _INSERT_DUPLICATES, _encode(rest).decode()
+    ):
+        if lost:
+            missing.append(by_seq[seq])
+            continue
         outcome.duplicates.add(seq)
         c = counts[topic]
         c.received += 1
         c.dups += 1
-        if not same_payload:
+        # NULL: the original expired, so whether the payloads differ is unknown.
+        if same_payload is False:
             c.conflicting += 1
             outcome.conflicting += 1
         outcome.duplicate_ages.append(max(age, 0.0))
+    if missing:
+        if round_ >= _MAX_ROUNDS:
+            raise RuntimeError(
+                f"{len(missing)} events lost their stored copies to retention {round_} times"
+                " while this batch was stored"
+            )
+        await _insert_events(conn, missing, counts, outcome, round_ + 1)
+
+
+async def _undo_expired(conn: Conn, stored: list[tuple[Item, Decoded]], inserted: set[int]) -> None:
+    """Undo this transaction's inserts of keys the dedup horizon remembers as expired.
+
+    They leave `inserted`, so the duplicates statement that follows judges them by their key.
+    """
+    probe = [(i.seq, e.topic, e.event_id) for i, e in stored]
+    hits = {r[0] for r in await conn.fetch(_EXPIRED_KEYS, _encode(probe).decode())}
+    if not hits:
+        return
+    undo = [(e.topic, e.event_id) for i, e in stored if i.seq in hits]
+    undone = await conn.fetchval(_UNDO_EXPIRED, [t for t, _ in undo], [k for _, k in undo])
+    if undone != len(undo):
+        raise RuntimeError(f"undid {undone} of {len(undo)} inserts of expired keys")
+    inserted -= hits
 
 
 async def _insert_dead(

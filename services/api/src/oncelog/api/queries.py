@@ -11,6 +11,7 @@ import msgspec
 
 from oncelog.store import stats
 from oncelog.store.schema import Conn
+from oncelog.store.topics import is_exact, topic_filter
 
 __all__ = [
     "EVENT_SQL",
@@ -63,34 +64,6 @@ def decode_cursor(token: str, kind: type[C]) -> C:
         raise CursorError("cursor is not one this API issued") from exc
 
 
-def _like_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def _is_exact(pattern: str) -> bool:
-    return not {"*", ">"} & set(pattern.split("."))
-
-
-def topic_filter(pattern: str, arg: int) -> tuple[str, list[Any]]:
-    """Return a SQL condition matching a topic or a NATS wildcard, with its parameters.
-
-    `auth.*` matches exactly one more token, `auth.>` one or more; other topics match exactly.
-    Prefix conditions use LIKE on the C-collated column, which the btree indexes serve. Tokens
-    are validated before they get here: [A-Za-z0-9_-] needs no escaping in a regex.
-    """
-    if _is_exact(pattern):
-        return f"topic = ${arg}", [pattern]
-    tokens = pattern.split(".")
-    prefix: list[str] = []
-    for token in tokens:
-        if token in {"*", ">"}:
-            break
-        prefix.append(token)
-    like = _like_escape(".".join(prefix) + ("." if prefix else "")) + "%"
-    regex = "^" + r"\.".join("[^.]+" if t == "*" else ".+" if t == ">" else t for t in tokens) + "$"
-    return f"topic LIKE ${arg} AND topic ~ ${arg + 1}", [like, regex]
-
-
 def events_query(
     *,
     topic: str | None,
@@ -115,7 +88,7 @@ def events_query(
         where.append(f"ts < ${len(args)}")
     if after is not None:
         op = "<" if descending else ">"
-        if topic is not None and _is_exact(topic):
+        if topic is not None and is_exact(topic):
             # With the topic fixed, the row comparison on (ts, event_id) follows the equality in
             # events_topic_ts, so a deep page starts with an index seek instead of a scan.
             args += [after.ts, after.event_id]

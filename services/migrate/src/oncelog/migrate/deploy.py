@@ -4,8 +4,9 @@
 
 DATABASE_URL must name a superuser (or a role with CREATEROLE that is a member of
 oncelog_owner). Each `--login` creates or updates a login user in one of the group roles that
-the migrations create (oncelog_ingest, oncelog_reader, oncelog_owner), with the password read
-from the named environment variable and the statement timeout of STATEMENT_TIMEOUT_MS.
+the migrations create (oncelog_ingest, oncelog_reader, oncelog_retention, oncelog_owner), with
+the password read from the named environment variable and the statement timeout of
+STATEMENT_TIMEOUT_MS.
 `--provision` creates or updates the EVENTS stream and its durable as the NATS user in the
 environment (the `provisioner` of deploy/nats/auth.conf); the services themselves may not.
 """
@@ -30,7 +31,7 @@ __all__ = ["GROUPS", "Login", "create_logins", "main", "parse_login", "run"]
 
 _log = logging.getLogger("oncelog.migrate")
 
-GROUPS = ("oncelog_owner", "oncelog_ingest", "oncelog_reader")
+GROUPS = ("oncelog_owner", "oncelog_ingest", "oncelog_reader", "oncelog_retention")
 
 
 @dataclass(frozen=True)
