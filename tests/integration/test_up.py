@@ -57,6 +57,7 @@ class Stack:
             "PG_PORT": str(free_port()),
             "API_PORT": str(self.api_port),
             "METRICS_PORT": str(free_port()),
+            "RETENTION_METRICS_PORT": str(free_port()),
             "DUPLICATE_WINDOW_SECONDS": "2",
         }
         self.proc: subprocess.Popen[bytes] | None = None
@@ -304,6 +305,7 @@ def test_up_gives_up_on_a_service_that_crashes_at_every_start(
         "ONCELOG_DATA_DIR": str(tmp_path / "data"),
         "API_PORT": str(free_port()),
         "METRICS_PORT": str(free_port()),
+        "RETENTION_METRICS_PORT": str(free_port()),
         # Refused by the consumer's settings, as a typo in a deployment would be.
         "BATCH_SIZE": "0",
     }

@@ -20,9 +20,13 @@ MEMBERS: dict[str, tuple[str, set[str]]] = {
     "api": ("services/api", {"events", "platform", "store"}),
     "publisher": ("services/publisher", {"events", "platform", "store"}),
     "migrate": ("services/migrate", {"events", "platform", "store"}),
-    "local": ("local", {"events", "platform", "store", "consumer", "api", "publisher", "migrate"}),
+    "retention": ("services/retention", {"events", "platform", "store"}),
+    "local": (
+        "local",
+        {"events", "platform", "store", "consumer", "api", "publisher", "migrate", "retention"},
+    ),
 }
-SERVICES = {"consumer", "api", "publisher", "migrate"}
+SERVICES = {"consumer", "api", "publisher", "migrate", "retention"}
 
 
 def _imports(package: Path) -> dict[str, set[str]]:

@@ -1,4 +1,4 @@
-"""`just up`: embedded NATS and PostgreSQL, then the consumer and the API, in the foreground.
+"""`just up`: embedded NATS and PostgreSQL, then the services (consumer, API, retention).
 
 Every process it starts is supervised: one that ends unasked is restarted with a bounded,
 jittered exponential backoff, on the same data; one that keeps crashing right after its start
@@ -99,8 +99,10 @@ async def _prepare(postgres_url: str, settings: CommonSettings, create_db: bool)
     await migrate.run(settings, [], provision=True)
 
 
-def _start_prometheus(data: Path, replicas: int, metrics_port: int, api: str) -> PrometheusServer:
-    """Run Prometheus on PROMETHEUS_PORT (9090) scraping every replica and the API."""
+def _start_prometheus(
+    data: Path, replicas: int, metrics_port: int, api: str, retention: str
+) -> PrometheusServer:
+    """Run Prometheus on PROMETHEUS_PORT (9090) scraping every replica, the API and retention."""
     rules = Path("deploy/prometheus/alerts.yml").resolve()
     config = data / "prometheus.yml"
     config.write_text(
@@ -108,6 +110,7 @@ def _start_prometheus(data: Path, replicas: int, metrics_port: int, api: str) ->
             {
                 "oncelog-consumer": [f"127.0.0.1:{metrics_port + i}" for i in range(replicas)],
                 "oncelog-api": [api],
+                "oncelog-retention": [retention],
             },
             rules=[rules] if rules.exists() else None,
         )
@@ -256,8 +259,10 @@ def _start_servers(data: Path, env: dict[str, str], servers: list[Supervised]) -
     asyncio.run(_prepare(postgres_url, load(CommonSettings, env), create_db=bool(postgres_url)))
 
 
-def _start_services(env: dict[str, str], replicas: int, metrics_port: int) -> list[Supervised]:
-    """Run the consumer replicas (metrics on consecutive ports) and the API."""
+def _start_services(
+    env: dict[str, str], replicas: int, metrics_port: int, retention_port: int
+) -> list[Supervised]:
+    """Run the consumer replicas (metrics on consecutive ports), the API and retention."""
     children = [
         Supervised(
             f"consumer replica-{i}",
@@ -267,6 +272,14 @@ def _start_services(env: dict[str, str], replicas: int, metrics_port: int) -> li
         for i in range(replicas)
     ]
     children.append(Supervised("api", module="oncelog.api", env=env))
+    # Its own process, because deleting stored rows takes a role the consumer must not have.
+    children.append(
+        Supervised(
+            "retention",
+            module="oncelog.retention",
+            env=env | {"METRICS_PORT": str(retention_port)},
+        )
+    )
     for child in children:
         child.start()
     return children
@@ -383,11 +396,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _start_servers(data, env, servers)
         metrics_port = _env_int("METRICS_PORT", 9464)
-        children = _start_services(env, args.replicas, metrics_port)
+        retention_port = _env_int("RETENTION_METRICS_PORT", 9470)
+        children = _start_services(env, args.replicas, metrics_port, retention_port)
         api_address = f"{env.get('API_HOST', '127.0.0.1')}:{env.get('API_PORT', '8080')}"
         extra = ""
         if args.observability:
-            prometheus = _start_prometheus(data, args.replicas, metrics_port, api_address)
+            prometheus = _start_prometheus(
+                data, args.replicas, metrics_port, api_address, f"127.0.0.1:{retention_port}"
+            )
             # Started ready by _start_prometheus; supervised like the services, stopped last.
             servers.append(Supervised("prometheus", server=prometheus))
             servers[-1].started_at = time.monotonic()

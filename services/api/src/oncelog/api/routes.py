@@ -275,6 +275,8 @@ def _counts(c: Counts) -> dict[str, Any]:
         "dead_lettered": c.dead_lettered,
         "redelivered": c.redelivered,
         "conflicting_duplicates": c.conflicting,
+        "expired": c.expired,
+        "dead_letters_expired": c.dead_expired,
         "first_timestamp": c.first_ts,
         "last_timestamp": c.last_ts,
     }
@@ -311,6 +313,8 @@ async def stats(state: AppState) -> Stats:
         dead_lettered=total.dead_lettered,
         redelivered=total.redelivered,
         conflicting_duplicates=total.conflicting,
+        expired=total.expired,
+        dead_letters_expired=total.dead_expired,
         per_topic=per_topic,
     )
 

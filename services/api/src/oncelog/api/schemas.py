@@ -75,12 +75,19 @@ class TopicStats(msgspec.Struct, kw_only=True):
     dead_lettered: int
     redelivered: int
     conflicting_duplicates: int
+    # Events and dead letters deleted by retention: stored rows == unique_processed - expired.
+    expired: int
+    dead_letters_expired: int
     first_timestamp: datetime | None
     last_timestamp: datetime | None
 
 
 class Stats(msgspec.Struct, kw_only=True):
-    """Exact, persistent statistics; received == unique_processed + duplicate_dropped + dead_lettered."""
+    """Exact, persistent statistics; received == unique_processed + duplicate_dropped + dead_lettered.
+
+    unique_processed counts every event ever stored; the events table holds unique_processed -
+    expired of them.
+    """
 
     received: int
     unique_processed: int
@@ -93,6 +100,8 @@ class Stats(msgspec.Struct, kw_only=True):
     dead_lettered: int
     redelivered: int
     conflicting_duplicates: int
+    expired: int
+    dead_letters_expired: int
     per_topic: dict[str, TopicStats]
 
 
