@@ -14,7 +14,9 @@ import pytest
 import yaml
 
 from oncelog import migrate
+from oncelog.api.settings import ApiSettings
 from oncelog.local.embedded import nats_server_binary
+from oncelog.platform.settings import load
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUIRED_VARIABLE = re.compile(r"\$\{([A-Z0-9_]+):\?[^}]*\}")
@@ -164,6 +166,15 @@ def test_shape_of_the_services(
         assert services[name]["restart"] == "unless-stopped", name
         assert services[name]["deploy"]["resources"]["limits"]["memory"], name
     assert "ports" not in services["postgres"], "PostgreSQL must not be published"
+
+
+def test_the_deployment_keeps_the_rate_limit_on(deployed: dict[str, dict[str, Any]]) -> None:
+    """The API's rate limit is off for the one-machine stack but on, and valid, in compose."""
+    env = deployed["api"]["environment"]
+    settings = load(ApiSettings, {k: str(v) for k, v in env.items() if k.startswith("RATE_")})
+    assert settings.rate_limit_per_second > 0
+    assert settings.rate_limit_burst >= settings.rate_limit_per_second
+    assert load(ApiSettings, {}).rate_limit_per_second == 0
 
 
 def test_services_use_least_privileged_credentials(services: dict[str, dict[str, Any]]) -> None:
