@@ -89,7 +89,7 @@ def test_promtool_accepts_the_config_and_rules(prometheus: Path) -> None:
     assert "SUCCESS" in promtool(
         prometheus, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")
     )
-    assert "SUCCESS: 6 rules found" in promtool(prometheus, "check", "rules", str(ALERTS))
+    assert "SUCCESS: 7 rules found" in promtool(prometheus, "check", "rules", str(ALERTS))
 
 
 def test_every_alert_has_a_passing_rule_unit_test(prometheus: Path) -> None:
@@ -228,8 +228,8 @@ def alert_rules() -> list[dict[str, Any]]:
 def services(
     settings: ConsumerSettings, js: JetStreamContext, tmp_path: Path
 ) -> Iterator[dict[str, int]]:
-    """Run a consumer and the API as processes, with their metrics on free ports."""
-    ports = {"metrics": free_port(), "api": free_port()}
+    """Run a consumer, the API and retention as processes, with their metrics on free ports."""
+    ports = {"metrics": free_port(), "api": free_port(), "retention": free_port()}
     env = dict(os.environ) | {
         "NATS_URL": settings.nats_url,
         "DATABASE_URL": settings.database_url,
@@ -244,6 +244,9 @@ def services(
         subprocess.Popen([sys.executable, "-m", module], env=env)
         for module in ("oncelog.consumer", "oncelog.api")
     ]
+    # Retention runs at its start, so its last-run series exists for its alert.
+    retention_env = env | {"METRICS_PORT": str(ports["retention"]), "RETENTION_DAYS": "30"}
+    procs.append(subprocess.Popen([sys.executable, "-m", "oncelog.retention"], env=retention_env))
     try:
         yield ports
     finally:
@@ -298,6 +301,7 @@ async def test_every_alert_and_dashboard_query_has_data_after_every_kind_of_even
             {
                 "oncelog-consumer": [f"127.0.0.1:{services['metrics']}"],
                 "oncelog-api": [f"127.0.0.1:{services['api']}"],
+                "oncelog-retention": [f"127.0.0.1:{services['retention']}"],
             },
             interval="1s",
             rules=[ALERTS],
