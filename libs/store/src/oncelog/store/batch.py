@@ -11,6 +11,7 @@ import msgspec
 
 from oncelog.events import Decoded, Rejected, dead_letter_topic, from_ns, parse_headers
 from oncelog.store.schema import Conn
+from oncelog.store.stats import RETENTION_SHARD
 
 __all__ = ["DEAD_RAW_LIMIT", "Item", "Outcome", "UnstorableError", "is_data_error", "store_batch"]
 
@@ -42,11 +43,17 @@ RETURNING stream_seq
 # expired? A separate statement on purpose: under READ COMMITTED it takes a fresh snapshot, so
 # it sees the key that a retention transaction committed while the insert waited on the row it
 # deleted (an insert that then succeeds, because the row is gone). A NOT EXISTS inside the
-# insert would use the insert's own, older snapshot and miss it. One index probe per inserted
-# row, and nothing at all for the rows that conflicted.
+# insert would use the insert's own, older snapshot and miss it. Only topics that retention has
+# ever expired anything of are probed (their `expired` on the retention shard, written in the
+# transaction that records the keys, so this snapshot sees both or neither); then one index
+# probe per inserted row, and nothing at all for the rows that conflicted.
 _EXPIRED_KEYS = """
+WITH open AS (
+    SELECT topic FROM topic_stats WHERE topic = ANY($2::text[]) AND shard = $3 AND expired > 0
+)
 SELECT (b.r->>0)::bigint AS seq
 FROM jsonb_array_elements($1::text::jsonb) AS b(r)
+JOIN open ON open.topic = b.r->>1
 CROSS JOIN LATERAL (
     SELECT 1 FROM expired_keys WHERE key = event_key(b.r->>1, b.r->>2) OFFSET 0
 ) k
@@ -402,7 +409,11 @@ async def _undo_expired(conn: Conn, stored: list[tuple[Item, Decoded]], inserted
     They leave `inserted`, so the duplicates statement that follows judges them by their key.
     """
     probe = [(i.seq, e.topic, e.event_id) for i, e in stored]
-    hits = {r[0] for r in await conn.fetch(_EXPIRED_KEYS, _encode(probe).decode())}
+    topics = sorted({e.topic for _, e in stored})
+    hits = {
+        r[0]
+        for r in await conn.fetch(_EXPIRED_KEYS, _encode(probe).decode(), topics, RETENTION_SHARD)
+    }
     if not hits:
         return
     undo = [(e.topic, e.event_id) for i, e in stored if i.seq in hits]

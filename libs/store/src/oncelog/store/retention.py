@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from oncelog.store.schema import Conn, Queryable
-from oncelog.store.stats import STATS_SHARDS
+from oncelog.store.stats import RETENTION_SHARD
 from oncelog.store.topics import topic_filter
 
 __all__ = [
@@ -26,9 +26,6 @@ __all__ = [
     "topics_by_rule",
 ]
 
-# The statistics shard the retention job adds to: outside the writers' 0..STATS_SHARDS-1, so it
-# never waits on a consumer's row (and a consumer never on its own).
-RETENTION_SHARD = STATS_SHARDS
 # The advisory lock only one retention worker holds at a time.
 LOCK = 0x6F6E63656C6F6772
 

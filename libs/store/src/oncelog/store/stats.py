@@ -20,6 +20,7 @@ from oncelog.store.schema import Conn, Queryable
 __all__ = [
     "COUNTERS",
     "PER_TOPIC_SQL",
+    "RETENTION_SHARD",
     "STATS_SHARDS",
     "Counts",
     "add_broker_duplicates",
@@ -32,6 +33,9 @@ __all__ = [
 # Writers spread each topic's counters over this many rows (see topic_stats), so replicas
 # and gateways do not queue on one hot row; readers sum the shards.
 STATS_SHARDS = 32
+# The retention job's own shard, outside the writers' 0..STATS_SHARDS-1: it never waits on a
+# consumer's row, and its `expired` > 0 tells the batch writer which topics have expired keys.
+RETENTION_SHARD = STATS_SHARDS
 
 _ADD_BROKER_DUPLICATES = """
 INSERT INTO topic_stats AS s (topic, shard, received, broker_duplicates)
