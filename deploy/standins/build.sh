@@ -126,7 +126,7 @@ mkdir -p "$ctx"
 sed '1{/^# syntax=/d}' "$root/deploy/Dockerfile" > "$ctx/Dockerfile"
 cp "$root/deploy/Dockerfile.dockerignore" "$ctx/Dockerfile.dockerignore"
 oncelog_tag=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$root/pyproject.toml" | head -n 1)-standin
-for service in migrate consumer api publisher; do
+for service in migrate consumer retention api publisher; do
     log "oncelog/$service:$oncelog_tag"
     build --network host -f "$ctx/Dockerfile" --build-arg SERVICE="$service" \
         --build-arg PYTHON_IMAGE="$python_image" --build-arg UV_IMAGE="$uv_image" \

@@ -17,7 +17,7 @@ __all__ = ["PROFILES", "ROOT", "SERVICES", "USERS", "Result", "Stack"]
 ROOT = Path(__file__).resolve().parents[2]
 # Every long-running service of compose.yaml but Grafana, which has no stand-in (docs/deploy.md),
 # and the demo publisher, which the tests start when they need it.
-SERVICES = ("nats", "postgres", "migrate", "consumer", "api", "prometheus")
+SERVICES = ("nats", "postgres", "migrate", "consumer", "retention", "api", "prometheus")
 PROFILES = ("--profile", "demo", "--profile", "observability")
 USERS = ("provisioner", "publisher", "loadgen", "consumer", "api")
 SECRETS = (
@@ -26,6 +26,7 @@ SECRETS = (
     "ONCELOG_PG_CONSUMER_PASSWORD",
     "ONCELOG_PG_API_PASSWORD",
     "ONCELOG_PG_PUBLISHER_PASSWORD",
+    "ONCELOG_PG_RETENTION_PASSWORD",
     "ONCELOG_GRAFANA_ADMIN_PASSWORD",
     "ONCELOG_API_KEYS_PUBLISH",
     "ONCELOG_API_KEYS_READ",

@@ -21,7 +21,7 @@ from oncelog.platform.settings import load
 ROOT = Path(__file__).resolve().parents[2]
 REQUIRED_VARIABLE = re.compile(r"\$\{([A-Z0-9_]+):\?[^}]*\}")
 DEFAULTED_VARIABLE = re.compile(r"\$\{([A-Z0-9_]+):-([^}]*)\}")
-LONG_RUNNING = ("nats", "postgres", "consumer", "api", "prometheus", "grafana")
+LONG_RUNNING = ("nats", "postgres", "consumer", "retention", "api", "prometheus", "grafana")
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +58,14 @@ def test_validates_against_the_compose_specification(compose: dict[str, Any]) ->
 
 
 def test_the_contracted_services_exist(services: dict[str, dict[str, Any]]) -> None:
-    """nats, postgres, migrate, consumer, api, publisher, prometheus and grafana are defined."""
+    """nats, postgres, migrate, consumer, retention, api, publisher, prometheus and grafana
+    are defined."""
     assert set(services) == {
         "nats",
         "postgres",
         "migrate",
         "consumer",
+        "retention",
         "api",
         "publisher",
         "prometheus",
@@ -196,7 +198,11 @@ def test_services_use_least_privileged_credentials(services: dict[str, dict[str,
             login, group, _ = command[index + 1].split(":")
             assert group in migrate.GROUPS
             logins[login] = group
-    expected_pg = {"consumer": "oncelog_ingest", "api": "oncelog_reader"}
+    expected_pg = {
+        "consumer": "oncelog_ingest",
+        "api": "oncelog_reader",
+        "retention": "oncelog_retention",
+    }
     for name, group in expected_pg.items():
         user = services[name]["environment"]["DATABASE_URL"].split("//")[1].split(":")[0]
         assert logins[user] == group, name

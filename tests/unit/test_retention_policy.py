@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from oncelog.platform.settings import SettingsError, load
 from oncelog.retention.policy import MAX_DAYS, Rule, covers, format_rules, parse_rules
+from oncelog.retention.settings import OPTIONAL, RetentionSettings, environ
 
 TOKENS = st.sampled_from(["a", "b", "c1", "x_y"])
 TOPICS = st.lists(TOKENS, min_size=1, max_size=4).map(".".join)
@@ -124,3 +126,15 @@ def test_arbitrary_text_is_parsed_or_refused_cleanly(text: str) -> None:
     except ValueError as exc:
         refused = str(exc)
         assert refused.startswith("V entry ")
+
+
+def test_empty_optional_settings_mean_unset_as_compose_passes_them() -> None:
+    """compose.yaml passes `RETENTION_DAYS: ${RETENTION_DAYS:-}`: empty optional settings are
+    the defaults (keep forever), while a set one still counts and a bad one is refused."""
+    empty = dict.fromkeys(OPTIONAL, "")
+    settings = load(RetentionSettings, environ(empty))
+    assert settings.retention_days is None
+    assert settings.rules() == ()
+    assert load(RetentionSettings, environ(empty | {"RETENTION_DAYS": "30"})).retention_days == 30
+    with pytest.raises(SettingsError, match="RETENTION_INTERVAL_SECONDS"):
+        load(RetentionSettings, environ(empty | {"RETENTION_INTERVAL_SECONDS": ""}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -13,7 +14,7 @@ from oncelog.platform.settings import SettingsError, load
 from oncelog.platform.shutdown import shutdown_event
 from oncelog.retention.job import Retention
 from oncelog.retention.metrics import RetentionMetrics
-from oncelog.retention.settings import RetentionSettings
+from oncelog.retention.settings import RetentionSettings, environ
 from oncelog.store import schema
 
 _log = logging.getLogger("oncelog.retention")
@@ -53,7 +54,7 @@ async def serve(settings: RetentionSettings) -> None:
 def main() -> None:
     """Entry point of `python -m oncelog.retention`."""
     try:
-        settings = load(RetentionSettings)
+        settings = load(RetentionSettings, environ(os.environ))
     except SettingsError as exc:
         sys.exit(str(exc))
     log.setup(settings.log_level, "retention")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated
 
 import msgspec
@@ -9,10 +10,26 @@ import msgspec
 from oncelog.platform.settings import CommonSettings, Port, Positive
 from oncelog.retention.policy import MAX_DAYS, Rule, parse_rules
 
-__all__ = ["Days", "RetentionSettings"]
+__all__ = ["OPTIONAL", "Days", "RetentionSettings", "environ"]
 
 # Unset means forever; a set value is a whole number of days, 1 to a century.
 Days = Annotated[int, msgspec.Meta(ge=1, le=MAX_DAYS)]
+
+
+# Settings whose empty value means "not set" (forever, or no rules), so that a compose file can
+# pass `RETENTION_DAYS: ${RETENTION_DAYS:-}` through whether or not `.env` sets it.
+OPTIONAL = (
+    "RETENTION_DAYS",
+    "RETENTION_TOPICS",
+    "DEDUP_HORIZON_DAYS",
+    "DEAD_LETTER_RETENTION_DAYS",
+    "DUPLICATES_RETENTION_DAYS",
+)
+
+
+def environ(env: Mapping[str, str]) -> dict[str, str]:
+    """Return `env` without the optional retention settings that are set to the empty string."""
+    return {k: v for k, v in env.items() if v or k not in OPTIONAL}
 
 
 class RetentionSettings(CommonSettings, frozen=True, kw_only=True):
