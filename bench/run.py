@@ -419,6 +419,86 @@ async def tail_drain(s: Stack, count: int, tails: int) -> dict[str, Any]:
     }
 
 
+async def expiring_rows(s: Stack, rows: int) -> None:
+    """Store `rows` events 30 days old in the bench's topics, with their statistics, as if a
+    consumer had stored them: what a retention of 7 days has to expire."""
+    conn = await asyncpg.connect(s.settings.database_url)
+    try:
+        await conn.execute(
+            """INSERT INTO events (topic, event_id, ts, source, payload, stream_seq, received_at)
+               SELECT 'bench.t' || (i % $2), 'old-' || i, now() - interval '30 days', 'bench',
+                      '{"n": 1}', -i, now() - interval '30 days'
+               FROM generate_series(1, $1) AS i""",
+            rows,
+            TOPICS,
+        )
+        await conn.execute(
+            """INSERT INTO topic_stats (topic, shard, received, stored, first_ts, last_ts)
+               SELECT topic, 0, count(*), count(*), min(ts), max(ts) FROM events GROUP BY topic""",
+        )
+        await conn.execute("VACUUM ANALYZE events")
+    finally:
+        await conn.close()
+
+
+async def retention_drain(s: Stack, count: int, expiring: int, retain: bool) -> dict[str, Any]:
+    """Drain the backlog over `expiring` old rows already stored, the retention service expiring them
+    (RETENTION_DAYS=7) or not running."""
+    procs = [s.spawn("oncelog.consumer", METRICS_PORT=str(free_port()), CONSUMER_ID="bench-0")]
+    if retain:
+        procs.append(
+            s.spawn(
+                "oncelog.retention",
+                METRICS_PORT=str(free_port()),
+                RETENTION_DAYS="7",
+                RETENTION_INTERVAL_SECONDS="1",
+            )
+        )
+    # The old rows are counted as received already: the clock starts at the first new one.
+    deadline = time.monotonic() + 600
+    while (await stats(s.settings.database_url))[0] == expiring:
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            raise RuntimeError("the consumer stored nothing")
+        await asyncio.sleep(0.01)
+    t0, _, at_first = await wait_received(s, expiring + count, procs)
+    at_first -= expiring
+    t1 = await wait_acked(s)
+    conn = await asyncpg.connect(s.settings.database_url)
+    try:
+        expired = int(await conn.fetchval("SELECT coalesce(sum(expired), 0) FROM topic_stats"))
+    finally:
+        await conn.close()
+    s.stop_services()
+    return {
+        "retention": retain,
+        "events_per_second": round((count - at_first) / (t1 - t0)),
+        "expired_during_drain_and_after": expired,
+    }
+
+
+def retention_pairs(tmp: Path, runs: int, backlog: int, expiring: int) -> dict[str, Any]:
+    """Drain without and with the retention job against `expiring` old rows, in interleaved
+    pairs on fresh stacks; report the median ratio."""
+    pairs = []
+    for n in range(runs):
+        pair = []
+        for retain in (False, True):
+            with stack(tmp / f"r{n}-{int(retain)}") as s:
+                asyncio.run(expiring_rows(s, expiring))
+                asyncio.run(preload(s, backlog, 0.3))
+                pair.append(asyncio.run(retention_drain(s, backlog, expiring, retain)))
+        sys.stderr.write(f"retention pair {n + 1}: {pair}\n")
+        pairs.append(pair)
+    ratios = [round(b["events_per_second"] / a["events_per_second"], 3) for a, b in pairs]
+    return {
+        "backlog": backlog,
+        "expiring": expiring,
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "pairs": pairs,
+    }
+
+
 def histogram(text: str, name: str) -> list[tuple[float, float]]:
     """Return (upper bound, cumulative count) pairs of a histogram in Prometheus text."""
     out = []
@@ -639,6 +719,16 @@ def render(results: dict[str, Any]) -> str:
                 f"{t['backlog']:,} messages",
             )
         )
+    if (r := results.get("retention")) is not None:
+        rows.append(
+            (
+                "drain with retention expiring old rows",
+                f"{r['ratio']:.2f} of the drain without",
+                f"ratios {min(r['ratios']):.2f}-{max(r['ratios']):.2f} over {len(r['ratios'])} "
+                f"interleaved pairs; {r['expiring']:,} rows 30 days old, RETENTION_DAYS=7, "
+                f"{r['backlog']:,} messages",
+            )
+        )
     api_rss = [results[k]["api_peak_rss_mib"] for k in ("http", "queries") if k in results]
     if api_rss:
         rows.append(("API peak RSS", f"{max(api_rss)} MiB", "during ingestion and queries"))
@@ -714,7 +804,7 @@ def tail_pairs(tmp: Path, runs: int, backlog: int) -> dict[str, Any]:
     }
 
 
-SCENARIOS = ("drain", "sync", "live", "http", "latency", "tail")
+SCENARIOS = ("drain", "sync", "live", "http", "latency", "tail", "retention")
 
 
 def write(results: dict[str, Any], out: Path, *, full: bool) -> None:
@@ -788,6 +878,13 @@ def main() -> None:
                 results["latency_1k"] = asyncio.run(latency(s, 1000, 6 if args.quick else 20))
         if "tail" in only:
             results["tail"] = tail_pairs(Path(tmp), runs, 50_000 if args.quick else 200_000)
+        if "retention" in only:
+            results["retention"] = retention_pairs(
+                Path(tmp),
+                runs,
+                50_000 if args.quick else 200_000,
+                100_000 if args.quick else 1_000_000,
+            )
     write(results, args.out, full=only == set(SCENARIOS))
 
 

@@ -50,6 +50,8 @@ class Retention:
         self.clock = clock
         self.rules = settings.rules()
         metrics.interval.set(settings.retention_interval_seconds)
+        # When the batch now running began: the pause after it keeps the duty cycle.
+        self._batch_started = time.monotonic()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run now, then every interval, until `stop` is set; a failed run is logged and retried."""
@@ -84,14 +86,25 @@ class Retention:
         return report
 
     async def _pause(self, stop: asyncio.Event) -> bool:
-        """Wait the pause between batches; whether to go on."""
-        if self.settings.retention_pause_seconds:
+        """Wait between two batches; whether to go on.
+
+        The wait keeps the job to RETENTION_DUTY_CYCLE of the time it runs (a batch that took
+        0.2 s is followed by 0.6 s of rest at 0.25), and is at least RETENTION_PAUSE_SECONDS:
+        the store's CPU and disk are left to ingestion, which a backlog of expiring rows would
+        otherwise compete with for as long as it lasts.
+        """
+        s = self.settings
+        worked = time.monotonic() - self._batch_started
+        wait = max(s.retention_pause_seconds, worked * (1 / s.retention_duty_cycle - 1))
+        if wait > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.settings.retention_pause_seconds)
+                await asyncio.wait_for(stop.wait(), wait)
+        self._batch_started = time.monotonic()
         return not stop.is_set()
 
     async def _work(self, conn: Conn, stop: asyncio.Event) -> Report:
         s = self.settings
+        self._batch_started = time.monotonic()
         now = self.clock()
         report = Report()
         limit = s.retention_batch_size

@@ -49,6 +49,9 @@ class RetentionSettings(CommonSettings, frozen=True, kw_only=True):
     retention_batch_size: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 5000
     # A pause between two batches, to leave the store to ingestion on a small machine.
     retention_pause_seconds: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.0
+    # The share of time the job works while it has rows to expire: after a batch that took t
+    # seconds it rests t * (1 / duty - 1). 1 works without rest.
+    retention_duty_cycle: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.25
     metrics_port: Port = 9470
     metrics_host: str = "127.0.0.1"
     # Topics beyond this many share the metric label value "_other".
