@@ -158,7 +158,13 @@ def test_login_specs_are_checked() -> None:
     assert migrate.parse_login("api:oncelog_reader:PW", env) == migrate.Login(
         "api", "oncelog_reader", "s3cret"
     )
-    for bad in ("api:oncelog_reader", "api:superuser:PW", "api:oncelog_reader:MISSING"):
+    for bad in (
+        "api:oncelog_reader",
+        "api:superuser:PW",
+        "api:oncelog_reader:MISSING",
+        "oncelog_retention:oncelog_retention:PW",
+        "oncelog_owner:oncelog_reader:PW",
+    ):
         with pytest.raises(ValueError, match="--login"):
             migrate.parse_login(bad, env)
 

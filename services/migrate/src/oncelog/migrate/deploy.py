@@ -51,6 +51,10 @@ def parse_login(spec: str, environ: Mapping[str, str]) -> Login:
     name, group, variable = parts
     if group not in GROUPS:
         raise ValueError(f"--login {spec!r}: group must be one of {', '.join(GROUPS)}")
+    if name in GROUPS:
+        # PostgreSQL refuses to make a role a member of itself, and a login named like another
+        # group would take that group's objects and grants.
+        raise ValueError(f"--login {spec!r}: the login must not be named like a group")
     password = environ.get(variable, "")
     if not password:
         raise ValueError(f"--login {spec!r}: the environment variable {variable} is empty")
