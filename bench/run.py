@@ -32,11 +32,34 @@ import httpx
 import nats
 
 from oncelog import migrate
+from oncelog.consumer.pull import Puller
+from oncelog.consumer.settings import ConsumerSettings
+from oncelog.events import decode_message
 from oncelog.local.embedded import NatsServer, PostgresServer, free_port
+from oncelog.platform import db
 from oncelog.platform.settings import CommonSettings, load
+from oncelog.platform.wire import Delivery, respond
+from oncelog.store.batch import Item, store_batch
+from oncelog.store.stats import STATS_SHARDS
 
 TOPICS = 8
+# The latency scenario offers this share of the same run's drain rate.
+LATENCY_SHARE = 0.25
 PAYLOAD = {"user": 1234, "action": "login", "ok": True, "ip": "10.0.0.1", "agent": "bench/1.0"}
+
+
+# A service under cProfile. uvicorn raises the stop signal again once it has shut down, which
+# would end the process before the stats are written, so that last raise is skipped here.
+_PROFILED = """
+import cProfile, runpy, signal, sys
+sys.argv[0] = {module!r}
+signal.raise_signal = lambda sig: None
+profile = cProfile.Profile()
+try:
+    profile.runcall(runpy.run_module, {module!r}, run_name="__main__", alter_sys=True)
+finally:
+    profile.dump_stats({out!r})
+"""
 
 
 @dataclass
@@ -61,7 +84,12 @@ class Stack:
         )
 
     def spawn(self, module: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, "-m", module, *args], env=self.env(**env))  # noqa: S603
+        run = [sys.executable, "-m", module, *args]
+        if profiles := os.environ.get("BENCH_PROFILE_DIR"):
+            # Each service under cProfile, its stats written when it stops (pstats to read).
+            out = Path(profiles) / f"{module}-{time.monotonic_ns()}.prof"
+            run[1:3] = ["-c", _PROFILED.format(out=str(out), module=module)]
+        proc = subprocess.Popen(run, env=self.env(**env))  # noqa: S603
         self.procs.append(proc)
         return proc
 
@@ -151,6 +179,127 @@ async def preload(s: Stack, count: int, dup_rate: float, seed: int = 1) -> tuple
     return unique, rate
 
 
+def consumer_settings(s: Stack) -> ConsumerSettings:
+    """The settings a consumer spawned on this stack runs with (its batch size, workers)."""
+    return load(
+        ConsumerSettings, s.env(), nats_url=s.nats.url, database_url=s.settings.database_url
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    """Return the CPU time (user + system) a process has used so far, from /proc/<pid>/stat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # utime and stime are fields 14 and 15 of stat(5); [0] here is field 3, the state.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_us_per_event(before: float, pid: int, events: int) -> float:
+    """CPU microseconds per event a process spent since `before` (its cpu_seconds then)."""
+    return round((cpu_seconds(pid) - before) * 1e6 / max(events, 1), 1)
+
+
+async def ack_only(s: Stack, count: int) -> dict[str, Any]:
+    """Ceiling (a): the durable's backlog delivered to a consumer that only acks.
+
+    The consumer's own pull driver and wire path in this process, with the consumer's batch
+    size and window, and nothing stored: what nats-server and the NATS half of the consumer
+    can do on this stack. Timed like the drain, from the first delivery to an empty stream.
+    """
+    defaults = consumer_settings(s)
+    nc = await nats.connect(s.nats.url, pending_size=64 * 1024**2)
+    held: list[Delivery] = []
+    arrived = asyncio.Event()
+
+    def deliver(delivery: Delivery) -> None:
+        held.append(delivery)
+        arrived.set()
+
+    puller = Puller(
+        nc,
+        s.settings.stream,
+        s.settings.durable,
+        deliver,
+        batch=defaults.batch_size,
+        window=defaults.batch_size * (defaults.commit_workers + 1),
+        max_bytes=defaults.max_inflight_bytes,
+    )
+    await puller.start()
+    acked = 0
+    started = 0.0
+    deadline = time.monotonic() + 600
+    try:
+        while acked < count:
+            await puller.top_up(len(held), 0)
+            if not held:
+                arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.05):
+                        await arrived.wait()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"only {acked} of {count} acked")
+                continue
+            started = started or time.monotonic()
+            batch = held[: defaults.batch_size]
+            del held[: len(batch)]
+            await respond(nc, batch)
+            acked += len(batch)
+        await nc.flush()
+        t1 = await wait_acked(s)
+    finally:
+        await puller.stop()
+        await nc.close()
+    return {"events_per_second": round(count / (t1 - started)), "messages": count}
+
+
+def bench_items(count: int, dup_rate: float, seed: int, prefix: str) -> list[Item]:
+    """The preload's messages as the consumer hands them to store_batch, decoded already."""
+    msgs, _ = events(count, dup_rate, seed)
+    now = time.time_ns()
+    out = []
+    for seq, (topic, _, body) in enumerate(msgs, 1):
+        subject = f"{prefix}.{topic}"
+        result = decode_message(subject, body, now, prefix)
+        out.append(Item(seq, 1, subject, now, None, body, result))
+    return out
+
+
+async def store_only(s: Stack, count: int) -> dict[str, Any]:
+    """Ceiling (b): the same rows through the same statement, no NATS in the loop.
+
+    `store_batch` on batches of the consumer's size from the preload's generator, with as many
+    connections as the consumer has commit workers, into a database of its own on the same
+    PostgreSQL (migrated, empty, like the drain's at its start).
+    """
+    defaults = consumer_settings(s)
+    admin = await asyncpg.connect(s.postgres.url())
+    await admin.execute("CREATE DATABASE ceiling")
+    await admin.close()
+    settings = load(CommonSettings, {}, database_url=s.postgres.url("ceiling"))
+    await migrate.run(settings, [], provision=False)
+    items = bench_items(count, 0.3, 1, s.settings.subject_prefix)
+    size = defaults.batch_size
+    batches = [items[i : i + size] for i in range(0, len(items), size)]
+    batches.reverse()
+    pool = await db.create_pool(settings, "bench-ceiling")
+    try:
+
+        async def worker(shard: int) -> None:
+            async with pool.acquire() as conn:
+                while batches:
+                    await store_batch(conn, batches.pop(), shard)
+
+        started = time.monotonic()
+        workers = defaults.commit_workers
+        await asyncio.gather(*(worker(i % STATS_SHARDS) for i in range(workers)))
+        seconds = time.monotonic() - started
+    finally:
+        await pool.close()
+    return {"events_per_second": round(count / seconds), "messages": count}
+
+
 async def stats(dsn: str) -> tuple[int, int]:
     """Return (received, stored) from the statistics."""
     conn = await asyncpg.connect(dsn)
@@ -205,12 +354,15 @@ async def drain(s: Stack, count: int, replicas: int = 1) -> dict[str, Any]:
     t0, committed, at_first = await wait_received(s, count, procs)
     t1 = await wait_acked(s)
     rss = max(peak_rss_mib(p.pid) for p in procs)
+    cpu = sum(cpu_seconds(p.pid) for p in procs)
     s.stop_services()
     return {
         "events_per_second": round((count - at_first) / (t1 - t0)),
         "seconds": round(t1 - t0, 2),
         "ack_lag_seconds": round(t1 - committed, 2),
         "consumer_peak_rss_mib": rss,
+        # Over the whole run, start-up included: a few hundredths of a second.
+        "consumer_cpu_us_per_event": round(cpu * 1e6 / count, 1),
     }
 
 
@@ -250,10 +402,16 @@ async def live(s: Stack, count: int) -> dict[str, Any]:
         "--seed",
         "3",
     )
+    consumer_cpu = cpu_seconds(consumer.pid)
     _, t1, _ = await wait_received(s, count, [consumer])
+    consumer_us = cpu_us_per_event(consumer_cpu, consumer.pid, count)
     publisher.wait(60)
     s.stop_services()
-    return {"events_per_second": round(count / (t1 - started)), "seconds": round(t1 - started, 2)}
+    return {
+        "events_per_second": round(count / (t1 - started)),
+        "seconds": round(t1 - started, 2),
+        "consumer_cpu_us_per_event": consumer_us,
+    }
 
 
 class Lean:
@@ -322,7 +480,10 @@ async def http_ingest(s: Stack, count: int, clients: int = 8, batch: int = 100) 
             for i in range(0, len(msgs), batch)
         ]
         queue = [json.dumps({"events": body}).encode() for body in reversed(bodies)]
+        requests = len(queue)
         statuses: dict[int, int] = {}
+        # Ceiling (c): the same server, clients and concurrency on an empty route.
+        empty = await empty_route(port, clients, max(2000, 2 * requests))
 
         async def worker() -> None:
             lean = Lean(port)
@@ -331,18 +492,43 @@ async def http_ingest(s: Stack, count: int, clients: int = 8, batch: int = 100) 
                 statuses[status] = statuses.get(status, 0) + 1
             await lean.close()
 
+        consumer_cpu, api_cpu = cpu_seconds(procs[0].pid), cpu_seconds(procs[1].pid)
         started = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(clients)))
         accepted = time.monotonic() - started
         _, t1, _ = await wait_received(s, count, procs)
+        gateway_us = cpu_us_per_event(api_cpu, procs[1].pid, count)
+        consumer_us = cpu_us_per_event(consumer_cpu, procs[0].pid, count)
     api_rss = peak_rss_mib(procs[1].pid)
     s.stop_services()
     return {
         "events_per_second": round(count / (t1 - started)),
         "accepted_per_second": round(count / accepted),
+        "publish_requests_per_second": round(requests / accepted),
+        "empty_route_requests_per_second": empty,
+        "gateway_cpu_us_per_event": gateway_us,
+        "consumer_cpu_us_per_event": consumer_us,
         "statuses": statuses,
         "api_peak_rss_mib": api_rss,
     }
+
+
+async def empty_route(port: int, clients: int, requests: int) -> int:
+    """Requests/s of GET /health from `clients` Lean clients: the HTTP server's own ceiling."""
+    left = requests
+
+    async def worker() -> None:
+        nonlocal left
+        lean = Lean(port)
+        while left > 0:
+            left -= 1
+            status, _, _ = await lean.request("GET", "/health")
+            assert status == 200
+        await lean.close()
+
+    started = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return round(requests / (time.monotonic() - started))
 
 
 class TailReader:
@@ -638,8 +824,60 @@ def spread(result: dict[str, Any], unit: str) -> str:
     return f"median of {len(runs)} runs: {min(runs):,}-{max(runs):,} {unit}; "
 
 
-def render(results: dict[str, Any]) -> str:
+def ratio_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The table's first rows: each scenario as a fraction of its ceiling in this run."""
     rows: list[tuple[str, str, str]] = []
+    r = results.get("ratios", {})
+    if "drain_of_ceiling" in r:
+        a = results["ceiling_ack_only"]["events_per_second"]
+        b = results["ceiling_store_only"]["events_per_second"]
+        rows.append(
+            (
+                "drain = x of min(a, b)",
+                f"{r['drain_of_ceiling']:.2f}",
+                f"drain {results['drain']['events_per_second']:,}; (a) ack only {a:,}, "
+                f"(b) store only {b:,} events/s ({results['ceiling_store_only']['messages']:,}"
+                f" messages each); {r['drain_of_preload']:.2f} of the preload rate",
+            )
+        )
+    if "http_of_live" in r:
+        h = results["http"]
+        runs = results["http_of_live"]["runs"]
+        rows.append(
+            (
+                "HTTP ingestion = x of live",
+                f"{r['http_of_live']:.2f}",
+                f"median of {len(runs)} interleaved pairs, {min(runs):.2f}-{max(runs):.2f}; "
+                f"target 0.9",
+            )
+        )
+        empty = results["publish_of_empty_route"]["runs"]
+        rows.append(
+            (
+                "POST /publish requests = x of GET /health",
+                f"{r['publish_requests_of_empty_route']:.2f}",
+                f"(c) {h['empty_route_requests_per_second']:,} empty requests/s vs "
+                f"{h['publish_requests_per_second']:,} publish requests/s of 100 events; "
+                f"runs {min(empty):.2f}-{max(empty):.2f}",
+            )
+        )
+        rows.append(
+            (
+                "CPU per event, HTTP scenario",
+                f"gateway {h['gateway_cpu_us_per_event']} µs",
+                f"consumer {h['consumer_cpu_us_per_event']} µs "
+                f"(live: consumer {results['live']['consumer_cpu_us_per_event']} µs)",
+            )
+        )
+    if "http_of_drain" in r:
+        rows.append(("HTTP ingestion = x of the drain", f"{r['http_of_drain']:.2f}", ""))
+    if "live_of_drain" in r:
+        rows.append(("live = x of the drain", f"{r['live_of_drain']:.2f}", ""))
+    return rows
+
+
+def render(results: dict[str, Any]) -> str:
+    rows = ratio_rows(results)
     if (d := results.get("drain")) is not None:
         rows.append(
             (
@@ -678,7 +916,7 @@ def render(results: dict[str, Any]) -> str:
         lk = results["latency_1k"]
         rows += [
             (
-                "publish -> committed at 5,000/s",
+                f"publish -> committed at {lat['offered_per_second']:,}/s",
                 f"p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms",
                 spread(lat, "ms p99") + f"(broker -> row, from the DB: p50 {lat['db_p50_ms']} ms, "
                 f"p99 {lat['db_p99_ms']} ms)",
@@ -751,7 +989,21 @@ def plot(results: dict[str, Any], path: Path) -> None:
         results["live"]["events_per_second"],
         results["http"]["events_per_second"],
     ]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ratio, left, right) = plt.subplots(1, 3, figsize=(16, 4))
+    r = results["ratios"]
+    ratio_names = {
+        "drain_of_ceiling": "drain / min(ack only,\nstore only)",
+        "http_of_live": "HTTP / live",
+        "publish_requests_of_empty_route": "POST /publish req/s\n/ GET /health req/s",
+        "http_of_drain": "HTTP / drain",
+    }
+    shown = [k for k in ratio_names if k in r]
+    ratio.barh([ratio_names[k] for k in shown], [r[k] for k in shown], color="#3b7dd8")
+    ratio.axvline(1.0, color="grey", linestyle="--", linewidth=1)
+    for y, k in enumerate(shown):
+        ratio.text(r[k], y, f" {r[k]:.2f}", va="center", fontsize=8)
+    ratio.set_xlabel("fraction of the ceiling, same run")
+    ratio.set_title("Ratios to the machine's ceilings")
     left.bar(names, rates, color=["#3b7dd8", "#7aa6e6", "#2f9e6e", "#d9822b"])
     left.axhline(1000, color="grey", linestyle="--", linewidth=1)
     left.text(
@@ -804,6 +1056,36 @@ def tail_pairs(tmp: Path, runs: int, backlog: int) -> dict[str, Any]:
     }
 
 
+def ratios(values: list[float]) -> dict[str, Any]:
+    """The median of per-run ratios, with every run's."""
+    rounded = [round(v, 3) for v in values]
+    return {"median": round(statistics.median(rounded), 3), "runs": rounded}
+
+
+def ceiling_ratios(results: dict[str, Any]) -> dict[str, Any]:
+    """Each scenario as a fraction of what bounds it, measured in this run."""
+    out: dict[str, Any] = {}
+    if "drain" in results:
+        a = results["ceiling_ack_only"]["events_per_second"]
+        b = results["ceiling_store_only"]["events_per_second"]
+        out["drain_of_ceiling"] = round(results["drain"]["events_per_second"] / min(a, b), 3)
+        out["drain_of_preload"] = round(
+            results["drain"]["events_per_second"] / results["preload"], 3
+        )
+    if "http_of_live" in results:
+        out["http_of_live"] = results["http_of_live"]["median"]
+        out["publish_requests_of_empty_route"] = results["publish_of_empty_route"]["median"]
+    if "drain" in results and "http" in results:
+        out["http_of_drain"] = round(
+            results["http"]["events_per_second"] / results["drain"]["events_per_second"], 3
+        )
+    if "drain" in results and "live" in results:
+        out["live_of_drain"] = round(
+            results["live"]["events_per_second"] / results["drain"]["events_per_second"], 3
+        )
+    return out
+
+
 SCENARIOS = ("drain", "sync", "live", "http", "latency", "tail", "retention")
 
 
@@ -817,6 +1099,219 @@ def write(results: dict[str, Any], out: Path, *, full: bool) -> None:
         plot(results, out / f"bench-{stamp}.png")
         written += " and .png"
     sys.stdout.write(render(results) + f"\n\nresults: {written}\n")
+
+
+def drain_with_ceilings(root: Path, backlog: int, quick: bool) -> dict[str, Any]:
+    """The ceilings (a) and (b), then the drain and the queries, on one stack."""
+    results: dict[str, Any] = {}
+    with stack(root) as s:
+        # The ceilings first, on the same servers: a backlog of a fifth the size
+        # acked and nothing else, then the same rows stored with no NATS.
+        ceiling = max(backlog // 5, 10_000)
+        asyncio.run(preload(s, ceiling, 0.3))
+        results["ceiling_ack_only"] = asyncio.run(ack_only(s, ceiling))
+        results["ceiling_store_only"] = asyncio.run(store_only(s, ceiling))
+        sys.stderr.write(
+            f"ceilings: ack only {results['ceiling_ack_only']}, "
+            f"store only {results['ceiling_store_only']}\n"
+        )
+        unique, rate = asyncio.run(preload(s, backlog, 0.3))
+        results["preload"] = round(rate)
+        sys.stderr.write(f"backlog of {backlog:,} ({unique:,} unique) loaded\n")
+        results["drain"] = asyncio.run(drain(s, backlog))
+        results["stored"] = asyncio.run(stats(s.settings.database_url))[1]
+        results["queries"] = asyncio.run(queries(s, 200 if quick else 1000))
+        sys.stderr.write(f"drain and queries done: {results['drain']}\n")
+    return results
+
+
+def run(args: argparse.Namespace, only: set[str]) -> dict[str, Any]:
+    """Run the chosen scenarios, each on fresh embedded servers; return the results."""
+    backlog = args.backlog or (100_000 if args.quick else 1_000_000)
+    small = 20_000 if args.quick else 100_000
+    # The two scenarios with targets run several times, each on a fresh stack: a shared
+    # machine's speed drifts by a third within minutes, so the median is what is reported.
+    runs = args.runs or (1 if args.quick else 3)
+    results: dict[str, Any] = {"machine": machine(), "backlog": backlog, "live_count": small}
+    with tempfile.TemporaryDirectory() as tmp:
+        if "drain" in only:
+            results |= drain_with_ceilings(Path(tmp) / "a", backlog, args.quick)
+        if "sync" in only:
+            with stack(Path(tmp) / "b", sync_always=True) as s:
+                _, rate = asyncio.run(preload(s, backlog // 4, 0.3))
+                results["preload_sync_always"] = round(rate)
+                results["drain_sync_always"] = asyncio.run(drain(s, backlog // 4))
+        if "live" in only or "http" in only:
+            # HTTP ingestion is judged against live ingestion through NATS: run in interleaved
+            # pairs on fresh stacks, so both see the machine at the same speed.
+            live_runs, http_runs = [], []
+            for n in range(runs if "http" in only else 1):
+                with stack(Path(tmp) / f"c{n}") as s:
+                    live_runs.append(asyncio.run(live(s, small)))
+                if "http" in only:
+                    with stack(Path(tmp) / f"d{n}") as s:
+                        http_runs.append(asyncio.run(http_ingest(s, small)))
+                    sys.stderr.write(f"live/http pair {n + 1}: {live_runs[-1]} {http_runs[-1]}\n")
+            results["live"] = median_run(live_runs, "events_per_second")
+            if http_runs:
+                results["http"] = median_run(http_runs, "events_per_second")
+                results["http_of_live"] = ratios(
+                    [
+                        h["events_per_second"] / lv["events_per_second"]
+                        for lv, h in zip(live_runs, http_runs, strict=True)
+                    ]
+                )
+                results["publish_of_empty_route"] = ratios(
+                    [
+                        h["publish_requests_per_second"] / h["empty_route_requests_per_second"]
+                        for h in http_runs
+                    ]
+                )
+        if "latency" in only:
+            # A fixed share of what this run's drain reached, so the load means the same on a
+            # fast hour and a slow one; 5,000/s when the drain did not run.
+            offered = 5000
+            if "drain" in results:
+                offered = int(round(results["drain"]["events_per_second"] * LATENCY_SHARE, -2))
+            latency_runs = []
+            for n in range(runs):
+                with stack(Path(tmp) / f"e{n}") as s:
+                    latency_runs.append(asyncio.run(latency(s, offered, 6 if args.quick else 20)))
+            results["latency"] = median_run(latency_runs, "p99_ms")
+            with stack(Path(tmp) / "f") as s:
+                results["latency_1k"] = asyncio.run(latency(s, 1000, 6 if args.quick else 20))
+        if "tail" in only:
+            results["tail"] = tail_pairs(Path(tmp), runs, 50_000 if args.quick else 200_000)
+        if "retention" in only:
+            results["retention"] = retention_pairs(
+                Path(tmp),
+                runs,
+                50_000 if args.quick else 200_000,
+                100_000 if args.quick else 1_000_000,
+            )
+    results["ratios"] = ceiling_ratios(results)
+    return results
+
+
+# What --compare reads from each side's JSON when no --metric is given.
+METRICS = {
+    "drain": ["drain.events_per_second", "ratios.drain_of_ceiling"],
+    "sync": ["drain_sync_always.events_per_second"],
+    "live": ["live.events_per_second"],
+    "http": ["http.events_per_second", "http.gateway_cpu_us_per_event", "ratios.http_of_live"],
+    "latency": ["latency.p99_ms"],
+    "tail": ["tail.ratio"],
+    "retention": ["retention.ratio"],
+}
+
+
+def lookup(results: dict[str, Any], path: str) -> float | None:
+    """Return a dotted path's number from a results JSON, None where that run has none."""
+    value: Any = results
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return float(value) if isinstance(value, int | float) else None
+
+
+@contextmanager
+def checkout(rev: str, root: Path) -> Iterator[Path]:
+    """Yield a tree of `rev` with its environment synced; "." is this checkout as it is."""
+    here = Path(__file__).resolve().parent.parent
+    if rev == ".":
+        yield here
+        return
+    tree = root / f"tree-{len(list(root.iterdir()))}"
+    subprocess.run(  # noqa: S603
+        ["git", "-C", str(here), "worktree", "add", "--detach", str(tree), rev],  # noqa: S607
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        subprocess.run(
+            ["uv", "sync", "--frozen", "--group", "bench", "--quiet"],  # noqa: S607
+            cwd=tree,
+            check=True,
+            env=child_env(),
+        )
+        yield tree
+    finally:
+        subprocess.run(  # noqa: S603
+            ["git", "-C", str(here), "worktree", "remove", "--force", str(tree)],  # noqa: S607
+            check=False,
+        )
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This environment for a bench of another tree: its own virtualenv, `extra` set."""
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    return env | extra
+
+
+def one_run(tree: Path, argv: list[str], out: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Run `tree`'s bench once with `argv`; return its results JSON."""
+    subprocess.run(  # noqa: S603
+        ["uv", "run", "--frozen", "--group", "bench", "python", "bench/run.py", *argv],  # noqa: S607
+        cwd=tree,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    (found,) = out.glob("bench-*.json")
+    result: dict[str, Any] = json.loads(found.read_text())
+    return result
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Run the same scenario on two sides alternately; print each round's B/A, median, spread."""
+    if args.compare_env:
+        key, _, value = args.compare_env.partition("=")
+        sides = [(".", {}), (".", {key: value})]
+        names = ["this checkout", f"{key}={value}"]
+    else:
+        sides = [(args.compare[0], {}), (args.compare[1], {})]
+        names = list(args.compare)
+    only = args.only or ["http"]
+    metrics = args.metric or [m for o in only for m in METRICS[o]]
+    argv = [f"--only={o}" for o in only] + ["--runs", str(args.runs or 1)]
+    argv += ["--quick"] if args.quick else []
+    argv += ["--backlog", str(args.backlog)] if args.backlog else []
+    values: dict[str, list[list[float | None]]] = {m: [] for m in metrics}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as trees:
+        root = Path(tmp)
+        paths = [trees.enter_context(checkout(rev, root)) for rev, _ in sides]
+        for n in range(args.rounds):
+            # Alternate which side goes first, so a drift within a round hits both alike.
+            order = (0, 1) if n % 2 == 0 else (1, 0)
+            got: dict[int, dict[str, Any]] = {}
+            for side in order:
+                out = root / f"out-{n}-{side}"
+                got[side] = one_run(
+                    paths[side],
+                    [*argv, "--out", str(out)],
+                    out,
+                    child_env(**sides[side][1]),
+                )
+            for m in metrics:
+                values[m].append([lookup(got[0], m), lookup(got[1], m)])
+            sys.stderr.write(
+                f"round {n + 1}: "
+                + "; ".join(f"{m} {values[m][-1][0]} -> {values[m][-1][1]}" for m in metrics)
+                + "\n"
+            )
+    sys.stdout.write(f"A = {names[0]}, B = {names[1]}, {args.rounds} interleaved rounds\n")
+    for m in metrics:
+        pairs = [(a, b) for a, b in values[m] if a and b is not None]
+        if not pairs:
+            sys.stdout.write(f"{m}: not in both sides' results\n")
+            continue
+        per_round = [round(b / a, 3) for a, b in pairs]
+        sys.stdout.write(
+            f"{m}: B/A median {statistics.median(per_round):.3f}, "
+            f"spread {min(per_round):.3f}-{max(per_round):.3f}, rounds {per_round} "
+            f"(A {[a for a, _ in pairs]}, B {[b for _, b in pairs]})\n"
+        )
 
 
 def main() -> None:
@@ -836,55 +1331,31 @@ def main() -> None:
         help="runs of the http and latency scenarios, median reported (default 3, 1 with --quick)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        help="run --only (default http) on git revisions A and B alternately; '.' is this "
+        "checkout with its uncommitted changes",
+    )
+    parser.add_argument(
+        "--compare-env",
+        metavar="KEY=VALUE",
+        help="compare this checkout without (A) and with (B) an environment setting",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --compare")
+    parser.add_argument(
+        "--metric",
+        action="append",
+        help="dotted path into the results JSON that --compare reports (repeatable), "
+        "e.g. http.gateway_cpu_us_per_event",
+    )
     args = parser.parse_args()
+    if args.compare or args.compare_env:
+        compare(args)
+        return
     only = set(args.only or SCENARIOS)
-    backlog = args.backlog or (100_000 if args.quick else 1_000_000)
-    small = 20_000 if args.quick else 100_000
-    # The two scenarios with targets run several times, each on a fresh stack: a shared
-    # machine's speed drifts by a third within minutes, so the median is what is reported.
-    runs = args.runs or (1 if args.quick else 3)
-    results: dict[str, Any] = {"machine": machine(), "backlog": backlog, "live_count": small}
-    with tempfile.TemporaryDirectory() as tmp:
-        if "drain" in only:
-            with stack(Path(tmp) / "a") as s:
-                unique, rate = asyncio.run(preload(s, backlog, 0.3))
-                results["preload"] = round(rate)
-                sys.stderr.write(f"backlog of {backlog:,} ({unique:,} unique) loaded\n")
-                results["drain"] = asyncio.run(drain(s, backlog))
-                results["stored"] = asyncio.run(stats(s.settings.database_url))[1]
-                results["queries"] = asyncio.run(queries(s, 200 if args.quick else 1000))
-                sys.stderr.write(f"drain and queries done: {results['drain']}\n")
-        if "sync" in only:
-            with stack(Path(tmp) / "b", sync_always=True) as s:
-                _, rate = asyncio.run(preload(s, backlog // 4, 0.3))
-                results["preload_sync_always"] = round(rate)
-                results["drain_sync_always"] = asyncio.run(drain(s, backlog // 4))
-        if "live" in only:
-            with stack(Path(tmp) / "c") as s:
-                results["live"] = asyncio.run(live(s, small))
-        if "http" in only:
-            http_runs = []
-            for n in range(runs):
-                with stack(Path(tmp) / f"d{n}") as s:
-                    http_runs.append(asyncio.run(http_ingest(s, small)))
-            results["http"] = median_run(http_runs, "events_per_second")
-        if "latency" in only:
-            latency_runs = []
-            for n in range(runs):
-                with stack(Path(tmp) / f"e{n}") as s:
-                    latency_runs.append(asyncio.run(latency(s, 5000, 6 if args.quick else 20)))
-            results["latency"] = median_run(latency_runs, "p99_ms")
-            with stack(Path(tmp) / "f") as s:
-                results["latency_1k"] = asyncio.run(latency(s, 1000, 6 if args.quick else 20))
-        if "tail" in only:
-            results["tail"] = tail_pairs(Path(tmp), runs, 50_000 if args.quick else 200_000)
-        if "retention" in only:
-            results["retention"] = retention_pairs(
-                Path(tmp),
-                runs,
-                50_000 if args.quick else 200_000,
-                100_000 if args.quick else 1_000_000,
-            )
+    results = run(args, only)
     write(results, args.out, full=only == set(SCENARIOS))
 
 
