@@ -94,12 +94,15 @@ async def publish_many(
             raise PublishError(
                 f"{len(todo)} of {len(messages)} messages got no PubAck", acks
             ) from last
-        futures, last = await _send(js, messages, todo, remaining, fast_wire)
-        if futures:
-            done, pending = await asyncio.wait(futures, timeout=min(attempt_timeout, remaining))
+        sent, last = await _send(js, messages, todo, remaining, fast_wire)
+        if isinstance(sent, _Slice):
+            await sent.wait(min(attempt_timeout, remaining))
+            last = sent.collect(todo, acks) or last
+        elif sent:
+            done, pending = await asyncio.wait(sent, timeout=min(attempt_timeout, remaining))
             for future in pending:
                 future.cancel()
-            last = _collect(done, futures, acks) or last
+            last = _collect(done, sent, acks) or last
         todo = [i for i in todo if acks[i] is None]
         if todo:
             if on_retry is not None:
@@ -119,8 +122,11 @@ async def _send(
     todo: list[int],
     remaining: float,
     fast_wire: bool,
-) -> tuple[dict[asyncio.Future[PubAck], int], BaseException | None]:
-    """Publish the messages `todo` names; return their ack futures and any send error."""
+) -> tuple[_Slice | dict[asyncio.Future[PubAck], int], BaseException | None]:
+    """Publish the messages `todo` names; return what their acks arrive in and any send error.
+
+    That is one `_Slice` on the fast path, a future per message on nats-py's.
+    """
     futures: dict[asyncio.Future[PubAck], int] = {}
     for i in todo:
         check_frame(messages[i])
@@ -189,6 +195,56 @@ _INBOXES: weakref.WeakKeyDictionary[Client, _AckInbox | None] = weakref.WeakKeyD
 _HIDDEN: weakref.WeakSet[JetStreamContext] = weakref.WeakSet()
 
 
+class _Slice:
+    """The PubAcks of one write, filled in by the read loop; one future for them all.
+
+    A future per message, awaited with asyncio.wait, costs a done-callback and a trip through
+    the event loop for every ack; here the read loop files each ack in its place and wakes the
+    caller once, when the last one is in (or the wait ends first, and late acks are dropped).
+    """
+
+    __slots__ = ("acks", "done", "errors", "left")
+
+    def __init__(self, size: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.acks: list[PubAck | None] = [None] * size
+        self.errors: dict[int, BaseException] = {}
+        self.left = size
+        self.done: asyncio.Future[None] = loop.create_future()
+
+    def resolve(self, position: int, ack: PubAck | None, error: BaseException | None) -> None:
+        """File what came for the message at `position`; wake the caller after the last."""
+        if error is not None:
+            self.errors[position] = error
+        else:
+            self.acks[position] = ack
+        self.left -= 1
+        if not self.left:
+            self.done.set_result(None)
+
+    async def wait(self, within: float) -> None:
+        """Wait until every message has its answer or `within` seconds pass; then take no more."""
+        try:
+            await asyncio.wait((self.done,), timeout=within)
+        finally:
+            # Closed, so a late ack (the caller has moved on, or sends the message again
+            # under a new token) is dropped, and the sweep forgets its token.
+            self.done.cancel()
+
+    def collect(self, todo: list[int], acks: list[PubAck | None]) -> BaseException | None:
+        """Store the acks that arrived at their messages' places in `acks`; return the last
+        retryable error, raise any other."""
+        last: BaseException | None = None
+        for position, i in enumerate(todo):
+            ack = self.acks[position]
+            if ack is not None:
+                acks[i] = ack
+            elif (error := self.errors.get(position)) is not None:
+                if not isinstance(error, RETRYABLE):
+                    raise error
+                last = error
+        return last
+
+
 class _AckInbox:
     """PubAcks of one client on one wildcard subscription, read straight off the wire.
 
@@ -200,7 +256,8 @@ class _AckInbox:
     def __init__(self, nc: Client, prefix: bytes) -> None:
         self.nc = nc
         self.prefix = prefix
-        self.futures: dict[bytes, asyncio.Future[PubAck]] = {}
+        # Each token's slice and place in it, until its ack arrives or the slice is closed.
+        self.pending: dict[bytes, tuple[_Slice, int]] = {}
         self.tokens = itertools.count()
 
     @classmethod
@@ -227,22 +284,18 @@ class _AckInbox:
         limit = nc.max_payload - 256
         return all(len(m.body) + len(m.msg_id) < limit for m in messages)
 
-    async def send(
-        self, messages: Sequence[Outbound], todo: list[int]
-    ) -> dict[asyncio.Future[PubAck], int]:
-        """Write one HPUB frame per message in one go; return each ack's future."""
-        loop = asyncio.get_running_loop()
-        if len(self.futures) > _SWEEP_AT:
-            # Futures given up on (their call timed out and cancelled them) are dropped here.
-            self.futures = {t: f for t, f in self.futures.items() if not f.done()}
-        futures: dict[asyncio.Future[PubAck], int] = {}
+    async def send(self, messages: Sequence[Outbound], todo: list[int]) -> _Slice:
+        """Write one HPUB frame per message in one go; return the slice their acks fill."""
+        if len(self.pending) > _SWEEP_AT:
+            # Tokens of slices given up on (their wait ended before the ack) are dropped here.
+            self.pending = {t: e for t, e in self.pending.items() if not e[0].done.done()}
+        batch = _Slice(len(todo), asyncio.get_running_loop())
+        pending = self.pending
         frames: list[bytes] = []
-        for i in todo:
+        for position, i in enumerate(todo):
             m = messages[i]
             token = b"%x" % next(self.tokens)
-            future: asyncio.Future[PubAck] = loop.create_future()
-            self.futures[token] = future
-            futures[future] = i
+            pending[token] = (batch, position)
             header = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % m.msg_id.encode()
             frames.append(
                 b"HPUB %s %s%s %d %d\r\n%s%s\r\n"
@@ -257,8 +310,12 @@ class _AckInbox:
                 )
             )
         self.nc.stats["out_msgs"] += len(frames)
-        await write(self.nc, b"".join(frames))
-        return futures
+        try:
+            await write(self.nc, b"".join(frames))
+        except BaseException:
+            batch.done.cancel()  # nothing waits for these acks: their tokens are swept
+            raise
+        return batch
 
     def _on_frame(self, subject: bytes, reply: bytes, headers: bytes | None, data: bytes) -> bool:
         status = headers[:12] if headers is not None and not data else None
@@ -270,25 +327,29 @@ class _AckInbox:
         self._resolve(msg.subject.encode()[len(self.prefix) :], no_responders, msg.data)
 
     def _resolve(self, token: bytes, no_responders: bool, data: bytes) -> None:
-        future = self.futures.pop(token, None)
-        if future is None or future.done():
+        entry = self.pending.pop(token, None)
+        if entry is None or entry[0].done.done():
             return
+        batch, position = entry
         if no_responders:
-            future.set_exception(nats.js.errors.NoStreamResponseError())
+            batch.resolve(position, None, nats.js.errors.NoStreamResponseError())
             return
         try:
             ack = _decode_ack(data)
         except msgspec.DecodeError:
-            future.set_exception(nats.js.errors.APIError(description=f"bad PubAck {data[:200]!r}"))
+            error = nats.js.errors.APIError(description=f"bad PubAck {data[:200]!r}")
+            batch.resolve(position, None, error)
             return
         if ack.error is not None:
             try:
                 nats.js.errors.APIError.from_error(ack.error)
             except nats.js.errors.APIError as exc:
-                future.set_exception(exc)
+                batch.resolve(position, None, exc)
             return
-        future.set_result(
-            PubAck(stream=ack.stream, seq=ack.seq, domain=ack.domain, duplicate=ack.duplicate)
+        batch.resolve(
+            position,
+            PubAck(stream=ack.stream, seq=ack.seq, domain=ack.domain, duplicate=ack.duplicate),
+            None,
         )
 
 
