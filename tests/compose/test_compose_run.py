@@ -237,25 +237,32 @@ async def test_the_gateway_reaches_postgres(stack: Stack, api: httpx.AsyncClient
 async def test_prometheus_scrapes_every_target_and_loads_every_rule(
     stack: Stack, prometheus: httpx.AsyncClient
 ) -> None:
-    """Every target (both consumer replicas, the API, the publisher, itself) is up; every alert rule is loaded and evaluated."""
+    """Every target (both consumer replicas, the API, retention, the publisher, itself) is up;
+    every alert rule is loaded and evaluated."""
+    seen: list[tuple[str, str, str]] = []
 
     async def targets_up() -> list[dict[str, Any]] | None:
         active: list[dict[str, Any]] = (await prometheus.get("/api/v1/targets")).json()["data"][
             "activeTargets"
         ]
+        seen[:] = sorted((t["labels"]["job"], t["health"], t.get("lastError", "")) for t in active)
         jobs = sorted(t["labels"]["job"] for t in active)
         expected = [
             "oncelog-api",
             "oncelog-consumer",
             "oncelog-consumer",
             "oncelog-publisher",
+            "oncelog-retention",
             "prometheus",
         ]
         if jobs == expected and all(t["health"] == "up" for t in active):
             return active
         return None
 
-    active = await wait_until(targets_up, within=90, interval=1)
+    try:
+        active = await wait_until(targets_up, within=90, interval=1)
+    except AssertionError:
+        pytest.fail(f"targets (job, health, last error): {seen}")
     alerts = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
     expected = sorted(rule["alert"] for group in alerts["groups"] for rule in group["rules"])
 
