@@ -96,15 +96,16 @@ class Subscription:
         self.live_from: Position = store_tail.ORIGIN
         self.overflowed = False
 
-    def offer(self, item: tuple[Position, bytes]) -> None:
-        """Buffer a live row; on overflow drop the buffer and stop buffering until restarted."""
-        if self.overflowed:
+    def offer(self, items: list[tuple[Position, bytes]]) -> None:
+        """Buffer live rows; when they would overflow the buffer, drop it and stop buffering
+        until restarted (the stream then reads on from the store)."""
+        if self.overflowed or not items:
             return
-        if len(self.rows) >= self.capacity:
+        if len(self.rows) + len(items) > self.capacity:
             self.overflowed = True
             self.rows.clear()
         else:
-            self.rows.append(item)
+            self.rows.extend(items)
         self.ready.set()
 
     def take(self) -> list[tuple[Position, bytes]]:
@@ -238,16 +239,22 @@ class Follower:
         if not rows:
             return False
         # No await from here on: a stream registered now starts after these rows. Each row is
-        # framed once, however many streams take it.
-        streams = list(self.streams)
-        for row in rows:
-            topic = row["topic"]
-            item: tuple[Position, bytes] | None = None
-            for stream in streams:
-                if stream.matches(topic):
-                    if item is None:
-                        item = (_position(row), frame(row))
-                    stream.offer(item)
+        # framed once, however many streams take it, and each stream's pattern is tested once
+        # per topic of the batch, not once per row.
+        topics = {row["topic"] for row in rows}
+        takers = [(stream, {t for t in topics if stream.matches(t)}) for stream in self.streams]
+        wanted = set().union(*(taken for _, taken in takers))
+        framed = [
+            (row["topic"], (_position(row), frame(row))) for row in rows if row["topic"] in wanted
+        ]
+        every: list[tuple[Position, bytes]] | None = None
+        for stream, taken in takers:
+            if taken == topics:
+                if every is None:
+                    every = [item for _, item in framed]
+                stream.offer(every)
+            elif taken:
+                stream.offer([item for topic, item in framed if topic in taken])
         self.position = _position(rows[-1])
         return True
 
