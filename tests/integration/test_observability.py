@@ -410,6 +410,7 @@ async def test_every_alert_and_dashboard_query_has_data_after_every_kind_of_even
         layers = by_label(prom, panel_query(DEDUP_PANEL, "1m"), "layer")
         assert set(layers) == {"broker", "store"}
         assert all(rate > 0 for rate in layers.values()), layers
+
         # A status first answered once has a rate only from its second scrape on.
         async def every_status_shows() -> bool:
             statuses = by_label(prom, panel_query("API requests by status", "1m"), "status")
