@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from oncelog.events import Event
 from oncelog.store import stats
 from oncelog.store.schema import Conn
 from oncelog.store.topics import is_exact, topic_filter
@@ -20,6 +21,7 @@ __all__ = [
     "DeadCursor",
     "decode_cursor",
     "encode_cursor",
+    "event_of",
     "events_query",
     "fetch_dead_letter",
     "fetch_dead_letters",
@@ -32,6 +34,19 @@ __all__ = [
 
 
 C = TypeVar("C", bound=msgspec.Struct)
+
+_decode_payload = msgspec.json.Decoder(dict[str, Any])
+
+
+def event_of(row: Any) -> Event:
+    """Return a stored row (topic, event_id, ts, source, payload) as the event the API sends."""
+    return Event(
+        topic=row["topic"],
+        event_id=row["event_id"],
+        timestamp=row["ts"],
+        source=row["source"],
+        payload=_decode_payload.decode(row["payload"]),
+    )
 
 
 class CursorError(ValueError):

@@ -41,7 +41,7 @@ from oncelog.store.stats import Counts, totals
 
 __all__ = ["dead_letters", "event", "events", "stats", "topics"]
 
-_decode_payload = msgspec.json.Decoder(dict[str, Any])
+_decode_headers = msgspec.json.Decoder(dict[str, Any])
 _READ_ERRORS = errors(400, 401, 422, 429, 503)
 _NEXT = [
     ResponseHeader(
@@ -88,7 +88,8 @@ def _instant_query(description: str) -> Any:
     )
 
 
-def _topic_query(topic: str | None) -> str | None:
+def topic_query(topic: str | None) -> str | None:
+    """Return a `topic` parameter checked as a topic or NATS pattern (a 422 naming it if not)."""
     if topic is None:
         return None
     if (bad := pattern_error(topic)) is not None:
@@ -177,7 +178,7 @@ async def events(
 ) -> Response[list[Event]]:
     """Return a JSON array of events; the next page's URL is in `Link: <...>; rel="next"`."""
     _whole_number(request, "limit")
-    pattern = _topic_query(topic)
+    pattern = topic_query(topic)
     descending = order == "desc"
     after = None
     if cursor is not None:
@@ -201,16 +202,7 @@ async def events(
             descending=descending,
             limit=limit + 1,
         )
-    page = [
-        Event(
-            topic=r["topic"],
-            event_id=r["event_id"],
-            timestamp=r["ts"],
-            source=r["source"],
-            payload=_decode_payload.decode(r["payload"]),
-        )
-        for r in rows[:limit]
-    ]
+    page = [queries.event_of(r) for r in rows[:limit]]
     headers = {}
     if len(rows) > limit:
         last = rows[limit - 1]
@@ -258,13 +250,7 @@ async def event(
     if row is None:
         raise NotFoundException(detail=f"no event {event_id!r} in topic {topic!r}")
     return EventDetail(
-        event=Event(
-            topic=row["topic"],
-            event_id=row["event_id"],
-            timestamp=row["ts"],
-            source=row["source"],
-            payload=_decode_payload.decode(row["payload"]),
-        ),
+        event=queries.event_of(row),
         provenance=Provenance(
             stream_seq=row["stream_seq"],
             received_at=row["received_at"],
@@ -340,7 +326,7 @@ async def stats(state: AppState) -> Stats:
 )
 async def topics(state: AppState, topic: TopicQuery = None) -> list[TopicInfo]:
     """Return every topic seen (or those matching `topic`), in name order."""
-    pattern = _topic_query(topic)
+    pattern = topic_query(topic)
     async with state.connection() as conn:
         by_topic = await queries.fetch_stats(conn, pattern)
     return [
@@ -374,7 +360,7 @@ async def dead_letters(
 ) -> Response[list[DeadLetter]]:
     """Return dead letters with their raw bytes (base64) and reasons; next page in Link."""
     _whole_number(request, "limit")
-    pattern = _topic_query(topic)
+    pattern = topic_query(topic)
     before = None
     if cursor is not None:
         try:
@@ -389,7 +375,7 @@ async def dead_letters(
             stream_seq=r["stream_seq"],
             subject=r["subject"],
             topic=r["topic"],
-            headers=_decode_payload.decode(r["headers"]),
+            headers=_decode_headers.decode(r["headers"]),
             reason=r["reason"],
             raw=r["raw"],
             raw_size=r["raw_size"],

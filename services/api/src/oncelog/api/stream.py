@@ -12,10 +12,9 @@ from litestar.response import Stream
 from oncelog.api.errors import Unavailable, invalid
 from oncelog.api.openapi import ReadOperation, errors
 from oncelog.api.protect import guard_read
-from oncelog.api.routes import TopicQuery
+from oncelog.api.routes import TopicQuery, topic_query
 from oncelog.api.state import AppState
 from oncelog.api.tail import events, matcher
-from oncelog.events import pattern_error
 from oncelog.store.tail import POSITION_PATTERN, Position, PositionError
 
 __all__ = ["stream_events"]
@@ -54,8 +53,7 @@ async def stream_events(
 ) -> Stream:
     """Stream every stored event matching `topic` as `id: <position>` / `data: <event JSON>`,
     as soon as its batch commits; with a position, first everything stored after it."""
-    if topic is not None and (bad := pattern_error(topic)) is not None:
-        raise invalid("topic", bad)
+    topic = topic_query(topic)
     resume: Position | None = None
     for field, value in (("Last-Event-ID", last_event_id), ("after", after)):
         if value is not None:

@@ -27,7 +27,6 @@ from asyncpg.pool import PoolConnectionProxy
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from oncelog.api import queries
-from oncelog.events import Event
 from oncelog.store import tail as store_tail
 from oncelog.store.tail import Position
 
@@ -38,7 +37,6 @@ _log = logging.getLogger("oncelog.api")
 # How many rows one read takes, live or catching up.
 READ_BATCH = 500
 _encode = msgspec.json.Encoder().encode
-_decode_payload = msgspec.json.Decoder(dict[str, Any])
 
 
 def matcher(pattern: str | None) -> tuple[Callable[[str], bool], str | None, tuple[Any, ...]]:
@@ -60,14 +58,7 @@ def frame(row: Any) -> bytes:
 
     JSON from msgspec never holds a raw CR or LF, so the data is one line whatever it carries.
     """
-    event = Event(
-        topic=row["topic"],
-        event_id=row["event_id"],
-        timestamp=row["ts"],
-        source=row["source"],
-        payload=_decode_payload.decode(row["payload"]),
-    )
-    return b"id: %d-%d\ndata: %s\n\n" % (row["tx"], row["pos"], _encode(event))
+    return b"id: %d-%d\ndata: %s\n\n" % (row["tx"], row["pos"], _encode(queries.event_of(row)))
 
 
 def _position(row: Any) -> Position:
