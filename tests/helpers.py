@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -19,7 +21,9 @@ from oncelog.api.settings import ApiSettings
 from oncelog.consumer.loop import Consumer
 from oncelog.consumer.metrics import ConsumerMetrics
 from oncelog.consumer.settings import ConsumerSettings
+from oncelog.events import decode_message
 from oncelog.store import stats
+from oncelog.store.batch import Item
 
 
 async def wait_until(
@@ -34,6 +38,42 @@ async def wait_until(
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"condition not met within {within}s (last value: {last!r})")
+
+
+# Stream sequences for messages a test hands to store_batch itself: unique within a run.
+stream_seqs = itertools.count(1)
+
+
+def batch_items(
+    topic: str,
+    ids: list[str],
+    *,
+    timestamp: str | None = None,
+    seqs: list[int] | None = None,
+    delivered: int = 1,
+) -> list[Item]:
+    """Messages as the consumer hands them to store_batch, one per id, decoded as it decodes
+    them; each takes a new stream sequence unless `seqs` gives them."""
+    out = []
+    now = time.time_ns()
+    subject = f"events.{topic}"
+    for n, event_id in enumerate(ids):
+        body: dict[str, Any] = {"event_id": event_id, "payload": {"n": n}}
+        if timestamp is not None:
+            body["timestamp"] = timestamp
+        data = json.dumps(body).encode()
+        out.append(
+            Item(
+                seq=seqs[n] if seqs else next(stream_seqs),
+                delivered=delivered,
+                subject=subject,
+                received_ns=now,
+                headers=None,
+                data=data,
+                result=decode_message(subject, data, now, "events"),
+            )
+        )
+    return out
 
 
 @contextlib.asynccontextmanager

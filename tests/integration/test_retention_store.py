@@ -4,43 +4,24 @@ and the replay race closed, on a real PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 
-from helpers import assert_invariants, one, totals, wait_until
+from helpers import assert_invariants, batch_items, one, stream_seqs, totals, wait_until
 from oncelog.events import decode_message
 from oncelog.store import retention
 from oncelog.store.batch import Item, store_batch
 
 OLD = "2020-01-01T00:00:00Z"
-_seq = iter(range(1, 10**9))
 
 
 def items(
     topic: str, ids: list[str], *, ts: str = OLD, seqs: list[int] | None = None, delivered: int = 1
 ) -> list[Item]:
-    """Messages as the consumer hands them to store_batch, one per id."""
-    out = []
-    now = time.time_ns()
-    for n, event_id in enumerate(ids):
-        data = json.dumps({"event_id": event_id, "timestamp": ts, "payload": {"n": n}}).encode()
-        subject = f"events.{topic}"
-        out.append(
-            Item(
-                seq=seqs[n] if seqs else next(_seq),
-                delivered=delivered,
-                subject=subject,
-                received_ns=now,
-                headers=None,
-                data=data,
-                result=decode_message(subject, data, now, "events"),
-            )
-        )
-    return out
+    """Messages of old events (timestamp OLD unless told) as store_batch takes them."""
+    return batch_items(topic, ids, timestamp=ts, seqs=seqs, delivered=delivered)
 
 
 def cutoff(days: int = 1) -> datetime:
@@ -208,7 +189,7 @@ async def test_dead_letters_and_the_duplicates_log_have_their_own_retention(
     ]
     bad = [
         Item(
-            seq=next(_seq),
+            seq=next(stream_seqs),
             delivered=1,
             subject=b.subject,
             received_ns=b.received_ns,

@@ -3,41 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-import time
 
 import asyncpg
 from hypothesis import given
 from hypothesis import strategies as st
 
-from oncelog.events import decode_message
+from helpers import batch_items
 from oncelog.store import tail
-from oncelog.store.batch import Item, store_batch
+from oncelog.store.batch import store_batch
 from oncelog.store.tail import ORIGIN, POSITION_PATTERN, Position, PositionError
-
-_seq = iter(range(1, 10**9))
-
-
-def items(topic: str, ids: list[str]) -> list[Item]:
-    """Messages as the consumer hands them to store_batch, one per id."""
-    out = []
-    now = time.time_ns()
-    for event_id in ids:
-        data = json.dumps({"event_id": event_id, "payload": {"id": event_id}}).encode()
-        subject = f"events.{topic}"
-        out.append(
-            Item(
-                seq=next(_seq),
-                delivered=1,
-                subject=subject,
-                received_ns=now,
-                headers=None,
-                data=data,
-                result=decode_message(subject, data, now, "events"),
-            )
-        )
-    return out
 
 
 async def exposed(pool: asyncpg.Pool, after: Position = ORIGIN) -> list[tuple[Position, str]]:
@@ -55,12 +30,12 @@ async def test_a_later_commit_of_an_earlier_transaction_is_never_skipped(
     async with pool.acquire() as a_conn, pool.acquire() as b_conn, pool.acquire() as c_conn:
         a = a_conn.transaction()
         await a.start()
-        await store_batch(a_conn, items("t.a", ["a1", "a2"]), shard=0)
+        await store_batch(a_conn, batch_items("t.a", ["a1", "a2"]), shard=0)
         c = c_conn.transaction()
         await c.start()
-        await store_batch(c_conn, items("t.c", ["c1"]), shard=0)
+        await store_batch(c_conn, batch_items("t.c", ["c1"]), shard=0)
         # B commits while A and C are open: its rows are visible to plain reads already ...
-        await store_batch(b_conn, items("t.b", ["b1", "b2"]), shard=0)
+        await store_batch(b_conn, batch_items("t.b", ["b1", "b2"]), shard=0)
         assert await pool.fetchval("SELECT count(*) FROM events WHERE topic = 't.b'") == 2
         # ... but not exposed: A's (and C's) lower transaction ids could still commit below them.
         assert await exposed(pool) == []
@@ -90,7 +65,7 @@ async def test_concurrent_writers_resumed_readers_miss_nothing_and_repeat_nothin
     async def writer(w: int) -> None:
         for b in range(40):
             async with pool.acquire() as conn:
-                await store_batch(conn, items(f"w{w}", [f"{w}-{b}-{k}" for k in range(5)]), w)
+                await store_batch(conn, batch_items(f"w{w}", [f"{w}-{b}-{k}" for k in range(5)]), w)
 
     async def reader() -> None:
         after = ORIGIN
@@ -118,7 +93,7 @@ async def test_concurrent_writers_resumed_readers_miss_nothing_and_repeat_nothin
 async def test_read_until_bounds_a_catch_up(pool: asyncpg.Pool) -> None:
     """read_after with `until` returns the rows up to that position and no further."""
     async with pool.acquire() as conn:
-        await store_batch(conn, items("u", ["1", "2", "3"]), shard=0)
+        await store_batch(conn, batch_items("u", ["1", "2", "3"]), shard=0)
         rows = await tail.read_after(conn, ORIGIN, 10)
         middle = Position(rows[1]["tx"], rows[1]["pos"])
         upto = await tail.read_after(conn, ORIGIN, 10, until=middle)
