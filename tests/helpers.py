@@ -12,7 +12,10 @@ from typing import Any
 
 import asyncpg
 import msgspec
+from httpx import AsyncBaseTransport, Request, Response
+from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from litestar.testing.transport import TestClientTransport
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
@@ -120,12 +123,34 @@ def api_settings(settings: ConsumerSettings, **overrides: Any) -> ApiSettings:
     return msgspec.convert(shared | overrides, ApiSettings)
 
 
+class _WaitInThread(TestClientTransport[Any], AsyncBaseTransport):
+    """Litestar's test transport, waiting for each response in a worker thread.
+
+    Litestar's own runs the app in its portal's event loop but blocks the calling loop for the
+    whole request. A consumer in the test's loop would then stop in the middle of its
+    transaction while the request waits on that transaction's row lock, until the statement
+    timeout: a deadlock no deployment has, since there the API is a process of its own.
+    """
+
+    async def handle_async_request(self, request: Request) -> Response:
+        return await asyncio.to_thread(self.handle_request, request)
+
+
+class ApiClient(AsyncTestClient[Litestar]):
+    """Litestar's AsyncTestClient, with the test's event loop free while a request runs."""
+
+    def __init__(self, app: Litestar) -> None:
+        super().__init__(app=app)
+        # httpx takes its transport only in the constructor, where Litestar sets its own.
+        self._transport = _WaitInThread(client=self, raise_server_exceptions=True)
+
+
 @contextlib.asynccontextmanager
 async def api_client(
     settings: ConsumerSettings, *, ready: bool = True, **overrides: Any
 ) -> AsyncIterator[AsyncTestClient[Any]]:
     """Run the API in-process on the test's servers; wait until it is ready unless told not to."""
-    async with AsyncTestClient(app=create_app(api_settings(settings, **overrides))) as client:
+    async with ApiClient(create_app(api_settings(settings, **overrides))) as client:
         if ready:
             await wait_until(lambda: _api_ready(client), within=10)
         yield client

@@ -17,7 +17,7 @@ from typing import IO, Any
 import msgspec
 from litestar.testing import AsyncTestClient
 
-from helpers import wait_until
+from helpers import ApiClient, wait_until
 from oncelog.api.settings import ApiSettings
 from oncelog.consumer.settings import ConsumerSettings
 from oncelog.local.embedded import die_with_parent, free_port
@@ -214,7 +214,7 @@ async def api_client(settings: ConsumerSettings) -> AsyncIterator[AsyncTestClien
         {f: getattr(settings, f) for f in ApiSettings.__struct_fields__ if hasattr(settings, f)},
         ApiSettings,
     )
-    async with AsyncTestClient(app=create_app(api_settings)) as client:
+    async with ApiClient(create_app(api_settings)) as client:
 
         async def ready() -> bool:
             return (await client.get("/ready")).status_code == 200

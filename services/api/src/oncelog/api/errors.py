@@ -88,6 +88,17 @@ def _store_down(request: Request[Any, Any, Any], exc: Exception) -> Response[Err
     )
 
 
+def _store_busy(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    # statement_timeout, lock_timeout or a deadlock: PostgreSQL is up but did not answer in
+    # time, so the same request may succeed a moment later.
+    _log.warning("postgres did not answer in time: %r", exc)
+    return Response(
+        ErrorBody(status_code=503, detail="PostgreSQL did not answer in time; retry later"),
+        status_code=HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": "1"},
+    )
+
+
 def _bad_value(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     # PostgreSQL refused a value taken from the request (a NUL character, a number or a time
     # out of its range): the client's input is at fault, so it gets a 4xx, never a 500.
@@ -126,5 +137,9 @@ exception_handlers: dict[type[Exception] | int, Any] = {
     asyncpg.AdminShutdownError: _store_down,
     asyncpg.CrashShutdownError: _store_down,
     asyncpg.TooManyConnectionsError: _store_down,
+    # Cancelled by statement_timeout, or a lock not granted in time, or a deadlock victim.
+    asyncpg.QueryCanceledError: _store_busy,
+    asyncpg.LockNotAvailableError: _store_busy,
+    asyncpg.DeadlockDetectedError: _store_busy,
     Exception: _internal,
 }

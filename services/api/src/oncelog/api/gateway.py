@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
+import asyncpg
 from litestar import Request, post
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.params import PathParameter
@@ -21,7 +22,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
 from oncelog.api import queries
-from oncelog.api.errors import Unavailable, whole_number
+from oncelog.api.errors import StoreUnreachableError, Unavailable, whole_number
 from oncelog.api.ingest import BodyError, prepare, prepare_one
 from oncelog.api.openapi import INT64_MAX, PublishOperation, ReplayOperation, errors
 from oncelog.api.protect import guard_publish
@@ -128,9 +129,7 @@ async def _publish_all(
     metrics = state.metrics
     metrics.published.inc(len(acks))
     if dups:
-        async with state.connection() as conn:
-            await add_broker_duplicates(conn, dups, state.shard)
-        metrics.duplicates.labels("broker").inc(sum(dups.values()))
+        await _count_broker_duplicates(state, dups, len(acks))
     if failed:
         metrics.publish_failures.inc(failed)
         raise Unavailable(
@@ -138,6 +137,26 @@ async def _publish_all(
             "retry the same body (duplicates are dropped)",
         )
     return acks
+
+
+async def _count_broker_duplicates(state: AppState, dups: Counter[str], acked: int) -> None:
+    """Add what the broker dropped to topic_stats, or answer 503 so that the client retries.
+
+    The events are in the stream either way. A retry of the same body is dropped by the broker
+    again and counted then, so the statistics count each answered request once; a 202 with
+    uncounted duplicates, or a 500, would leave them uncounted and the client unsure.
+    """
+    try:
+        async with state.connection() as conn:
+            await add_broker_duplicates(conn, dups, state.shard)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, StoreUnreachableError) as exc:
+        _log.warning("could not count broker duplicates: %r", exc)
+        raise Unavailable(
+            detail=f"the {acked} events are in the stream, but PostgreSQL did not record the "
+            f"{sum(dups.values())} the broker dropped as duplicates ({type(exc).__name__}); "
+            "retry the same body (duplicates are dropped, and counted then)",
+        ) from exc
+    state.metrics.duplicates.labels("broker").inc(sum(dups.values()))
 
 
 @post(
