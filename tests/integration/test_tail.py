@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 import httpx
 import msgspec
+import pytest
 import uvicorn
 from nats.js import JetStreamContext
 
@@ -229,13 +230,15 @@ async def test_two_tails_get_exactly_the_stored_events_once_in_order_and_resume_
         assert sample in page
 
 
+@pytest.mark.parametrize("cap", [{"tail_buffer": 2}, {"tail_buffer_bytes": 1024}])
 async def test_a_stream_too_slow_for_its_buffer_reads_on_from_the_store(
-    settings: ConsumerSettings, js: JetStreamContext, pool: asyncpg.Pool
+    settings: ConsumerSettings, js: JetStreamContext, pool: asyncpg.Pool, cap: dict[str, int]
 ) -> None:
-    """With a 2-row buffer, one commit of 300 events overflows the stream at once: it reads on
-    from the store, counts a resync, and still delivers all 300 once, in order."""
+    """With a buffer of 2 events, or of 1 KiB, one commit of 300 events overflows the stream at
+    once: it reads on from the store, counts a resync, and still delivers all 300 once, in
+    order."""
     async with (
-        serving(settings, tail_buffer=2) as base,
+        serving(settings, **cap) as base,
         running_consumer(settings, js, pool),
     ):
         tailer = Tailer(base, ">")

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+from datetime import UTC, datetime
 
 import asyncpg
-from hypothesis import given
+import msgspec
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import batch_items
+from oncelog.api import queries
+from oncelog.api.tail import FrameData, frame
+from oncelog.events import Event
+from oncelog.local.tail import parse_sse
 from oncelog.store import tail
 from oncelog.store.batch import store_batch
 from oncelog.store.tail import ORIGIN, POSITION_PATTERN, Position, PositionError
@@ -123,3 +130,52 @@ def test_any_other_text_is_refused_precisely(text: str) -> None:
     assert str(p) == text
     assert re.fullmatch(POSITION_PATTERN, text)
     assert max(p.tx, p.pos) < 2**63
+
+
+# What the validator lets into the store: no NUL, no lone surrogate, finite numbers.
+_STORABLE_TEXT = st.text(st.characters(exclude_characters="\x00", exclude_categories=["Cs"]))
+_STORABLE_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _STORABLE_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_STORABLE_TEXT, inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.dictionaries(_STORABLE_TEXT, _STORABLE_JSON, max_size=4))
+async def test_a_payload_as_postgresql_prints_it_is_one_line_of_the_same_json(
+    pool: asyncpg.Pool, payload: dict[str, object]
+) -> None:
+    """The stream sends the stored jsonb as PostgreSQL prints it, without decoding it: whatever
+    the payload holds (CR, LF, NEL, U+2028, any control character, big numbers), that text adds
+    no line to a frame and reads back as the JSON /events sends for the same row."""
+    printed = await pool.fetchval("SELECT $1::jsonb::text", json.dumps(payload))
+    row = {
+        "tx": 1,
+        "pos": 2,
+        "topic": "a.b",
+        "event_id": "e",
+        "ts": datetime(2026, 12, 1, tzinfo=UTC),
+        "source": "s",
+        "payload": printed,
+    }
+    wire = frame(row)
+    assert wire.count(b"\n") == 3
+    assert b"\r" not in wire
+    [(ident, data)] = list(parse_sse(iter(wire.splitlines(keepends=True))))
+    assert ident == "1-2"
+    # The same JSON as /events, which decodes the printed text and encodes it again (so a
+    # float such as 4.5e16 reads back, in both, as the integer PostgreSQL's numeric prints).
+    assert json.loads(data) == json.loads(msgspec.json.encode(queries.event_of(row)))
+    assert json.loads(data)["payload"].keys() == payload.keys()
+
+
+def test_frame_data_is_the_event_field_for_field() -> None:
+    """A frame's data has /events' fields in /events' order."""
+    assert FrameData.__struct_fields__ == Event.__struct_fields__

@@ -54,6 +54,7 @@ async def _lifespan(app: Litestar) -> AsyncIterator[None]:
         poll_seconds=settings.tail_poll_seconds,
         max_streams=settings.tail_max_streams,
         buffer=settings.tail_buffer,
+        buffer_bytes=settings.tail_buffer_bytes,
         on_count=state.tail_metrics.streams.set,
     )
     connecting = asyncio.create_task(_connect_nats(state, settings))

@@ -31,9 +31,11 @@ class ApiSettings(CommonSettings, frozen=True, kw_only=True):
     # compose.yaml turns it on for the deployment (see docs/api.md#protection).
     rate_limit_per_second: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     rate_limit_burst: Positive = 200
-    # The live tail (GET /events/stream): open streams per process, rows buffered per stream
-    # before a slow one reads on from the store, the poll behind NOTIFY, keep-alive comments.
+    # The live tail (GET /events/stream): open streams per process; events and bytes of frames
+    # buffered per stream before a slow one reads on from the store (streams taking the same
+    # rows share them, so this bounds the worst case); the poll behind NOTIFY; keep-alives.
     tail_max_streams: Positive = 100
-    tail_buffer: Positive = 1000
+    tail_buffer: Positive = 10_000
+    tail_buffer_bytes: Positive = 4 * 1024 * 1024
     tail_poll_seconds: PositiveFloat = 1.0
     tail_keepalive_seconds: PositiveFloat = 15.0

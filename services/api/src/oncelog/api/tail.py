@@ -19,6 +19,7 @@ import logging
 import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -30,7 +31,16 @@ from oncelog.api import queries
 from oncelog.store import tail as store_tail
 from oncelog.store.tail import Position
 
-__all__ = ["Follower", "Subscription", "TailMetrics", "events", "frame", "matcher"]
+__all__ = [
+    "Chunk",
+    "Follower",
+    "FrameData",
+    "Subscription",
+    "TailMetrics",
+    "events",
+    "frame",
+    "matcher",
+]
 
 _log = logging.getLogger("oncelog.api")
 
@@ -53,12 +63,28 @@ def matcher(pattern: str | None) -> tuple[Callable[[str], bool], str | None, tup
     return (lambda topic: regex.fullmatch(topic) is not None), condition, tuple(params)
 
 
+class FrameData(msgspec.Struct):
+    """An event as a frame's data: /events' Event field for field, with the payload sent on as
+    the JSON text PostgreSQL prints for the stored jsonb rather than decoded and encoded again."""
+
+    topic: str
+    event_id: str
+    timestamp: datetime
+    source: str
+    payload: msgspec.Raw
+
+
 def frame(row: Any) -> bytes:
     """One SSE message: the position as its id, the event as /events returns it as its data.
 
-    JSON from msgspec never holds a raw CR or LF, so the data is one line whatever it carries.
+    Neither msgspec nor PostgreSQL's jsonb output ever writes a raw CR or LF (both escape every
+    control character inside strings, and jsonb puts only spaces between tokens), so the data
+    is one line whatever it carries.
     """
-    return b"id: %d-%d\ndata: %s\n\n" % (row["tx"], row["pos"], _encode(queries.event_of(row)))
+    data = FrameData(
+        row["topic"], row["event_id"], row["ts"], row["source"], msgspec.Raw(row["payload"])
+    )
+    return b"id: %d-%d\ndata: %s\n\n" % (row["tx"], row["pos"], _encode(data))
 
 
 def _position(row: Any) -> Position:
@@ -74,37 +100,68 @@ _RECHECK = 0.005
 _OVERFLOW: Any = object()
 
 
-class Subscription:
-    """One client's subscription: its topic test and a bounded buffer of live frames."""
+class Chunk:
+    """Consecutive live rows one read gave a stream: their frames, also joined for one write.
 
-    def __init__(self, matches: Callable[[str], bool], capacity: int) -> None:
+    Streams that take the same rows of a read share one chunk, so a row is framed and joined
+    once however many streams send it.
+    """
+
+    __slots__ = ("data", "first", "last", "rows")
+
+    def __init__(self, rows: list[tuple[Position, bytes]]) -> None:
+        self.rows = rows
+        self.first = rows[0][0]
+        self.last = rows[-1][0]
+        self.data = b"".join([f for _, f in rows])
+
+    def after(self, position: Position) -> tuple[int, bytes]:
+        """How many rows come after `position`, and their frames."""
+        if self.first > position:
+            return len(self.rows), self.data
+        rest = [f for p, f in self.rows if p > position]
+        return len(rest), b"".join(rest)
+
+
+class Subscription:
+    """One client's subscription: its topic test and a bounded buffer of live rows."""
+
+    def __init__(self, matches: Callable[[str], bool], events: int, size: int) -> None:
         self.matches = matches
-        self.capacity = capacity
-        # (position, SSE frame) of each live row, in order; filled by the follower.
-        self.rows: deque[tuple[Position, bytes]] = deque()
+        # The buffer holds at most this many events and this many bytes of frames.
+        self.max_events = events
+        self.max_bytes = size
+        self.chunks: deque[Chunk] = deque()
+        self.events = self.bytes = 0
         self.ready = asyncio.Event()
         # Everything at or before this position is the store's to read; after it, the buffer's.
         self.live_from: Position = store_tail.ORIGIN
         self.overflowed = False
 
-    def offer(self, items: list[tuple[Position, bytes]]) -> None:
+    def offer(self, chunk: Chunk) -> None:
         """Buffer live rows; when they would overflow the buffer, drop it and stop buffering
         until restarted (the stream then reads on from the store)."""
-        if self.overflowed or not items:
+        if self.overflowed:
             return
-        if len(self.rows) + len(items) > self.capacity:
+        events, size = self.events + len(chunk.rows), self.bytes + len(chunk.data)
+        if events > self.max_events or size > self.max_bytes:
             self.overflowed = True
-            self.rows.clear()
+            self.clear()
         else:
-            self.rows.extend(items)
+            self.chunks.append(chunk)
+            self.events, self.bytes = events, size
         self.ready.set()
 
-    def take(self) -> list[tuple[Position, bytes]]:
+    def take(self) -> list[Chunk]:
         """Return and clear what the buffer holds."""
-        rows = list(self.rows)
-        self.rows.clear()
+        chunks = list(self.chunks)
+        self.clear()
+        return chunks
+
+    def clear(self) -> None:
+        self.chunks.clear()
+        self.events = self.bytes = 0
         self.ready.clear()
-        return rows
 
 
 class Follower:
@@ -117,12 +174,14 @@ class Follower:
         poll_seconds: float,
         max_streams: int,
         buffer: int,
+        buffer_bytes: int,
         on_count: Callable[[int], None] = lambda _: None,
     ) -> None:
         self.pool = pool
         self.poll_seconds = poll_seconds
         self.max_streams = max_streams
         self.buffer = buffer
+        self.buffer_bytes = buffer_bytes
         self.on_count = on_count
         self.streams: set[Subscription] = set()
         # Where the live rows handed out end; None while nothing follows the store.
@@ -139,7 +198,7 @@ class Follower:
 
     async def open(self, matches: Callable[[str], bool], wait: float) -> Subscription:
         """Register a stream; its live rows start after the position it is given."""
-        stream = Subscription(matches, self.buffer)
+        stream = Subscription(matches, self.buffer, self.buffer_bytes)
         self.streams.add(stream)
         self.on_count(len(self.streams))
         if self._task is None or self._task.done():
@@ -156,8 +215,7 @@ class Follower:
     def restart(self, stream: Subscription) -> None:
         """(Re)start a stream's live rows after the current position, with an empty buffer."""
         assert self.position is not None
-        stream.rows.clear()
-        stream.ready.clear()
+        stream.clear()
         stream.overflowed = False
         stream.live_from = self.position
 
@@ -208,9 +266,14 @@ class Follower:
             recheck: float | None = None
             while True:
                 self._wake.clear()
-                if await self._read(conn):
-                    recheck = _RECHECK
+                got = await self._read(conn)
+                if got == READ_BATCH:
+                    # More may be exposed already.
                     continue
+                if got:
+                    # Rows of a commit that NOTIFYed meanwhile are read on its wake; rows that
+                    # an older open transaction still hid are read on the recheck.
+                    recheck = _RECHECK
                 woke = False
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(recheck or self.poll_seconds):
@@ -223,12 +286,12 @@ class Follower:
             with contextlib.suppress(Exception):
                 await conn.remove_listener(store_tail.NOTIFY_CHANNEL, self._notified)
 
-    async def _read(self, conn: PoolConnectionProxy[Any]) -> bool:
-        """Hand out the next exposed rows; return whether there were any."""
+    async def _read(self, conn: PoolConnectionProxy[Any]) -> int:
+        """Hand out the next exposed rows; return how many there were."""
         assert self.position is not None
         rows = await store_tail.read_after(conn, self.position, READ_BATCH)
         if not rows:
-            return False
+            return 0
         # No await from here on: a stream registered now starts after these rows. Each row is
         # framed once, however many streams take it, and each stream's pattern is tested once
         # per topic of the batch, not once per row.
@@ -238,16 +301,20 @@ class Follower:
         framed = [
             (row["topic"], (_position(row), frame(row))) for row in rows if row["topic"] in wanted
         ]
-        every: list[tuple[Position, bytes]] | None = None
+        chunks: dict[frozenset[str], Chunk] = {}
         for stream, taken in takers:
-            if taken == topics:
-                if every is None:
-                    every = [item for _, item in framed]
-                stream.offer(every)
-            elif taken:
-                stream.offer([item for topic, item in framed if topic in taken])
+            if not taken:
+                continue
+            key = frozenset(taken)
+            chunk = chunks.get(key)
+            if chunk is None:
+                every = taken == topics
+                chunk = chunks[key] = Chunk(
+                    [item for topic, item in framed if every or topic in taken]
+                )
+            stream.offer(chunk)
         self.position = _position(rows[-1])
-        return True
+        return len(rows)
 
 
 async def events(
@@ -295,11 +362,15 @@ async def events(
                     on_resync()
                     follower.restart(stream)
                     break
-                chunk = [data for position, data in batch if position > last]
-                if chunk:
-                    yield b"".join(chunk)
-                    on_sent(len(chunk))
-                    last = batch[-1][0]
+                # Only the first chunks can hold rows at or before `last` (those the catch-up
+                # read already sent).
+                fresh = [c for c in batch if c.last > last]
+                if fresh:
+                    sent, head = fresh[0].after(last)
+                    rest = fresh[1:]
+                    yield b"".join([head, *(c.data for c in rest)]) if rest else head
+                    on_sent(sent + sum(len(c.rows) for c in rest))
+                    last = fresh[-1].last
     finally:
         follower.close(stream)
 
