@@ -96,9 +96,12 @@ def test_covers_is_complete_on_witnesses(a: str, b: str) -> None:
     """When `a` does not cover `b`, some topic of `b` (its wildcards filled in) escapes `a`."""
     if covers(a, b):
         return
+    # `*` takes one token and `>` one or more, each filled independently (`*.a.*` does not
+    # cover `*.a.>`, and only a `>` of two tokens shows it).
     witnesses = {
-        ".".join(fill if t in {"*", ">"} else t for t in b.split("."))
-        for fill in ("zz", "a", "b", "c1", "x_y", "zz.zz")
+        ".".join(star if t == "*" else rest if t == ">" else t for t in b.split("."))
+        for star in ("zz", "a", "b", "c1", "x_y")
+        for rest in ("zz", "a", "b", "c1", "x_y", "zz.zz", "a.zz")
     }
     assert any(matches(b, w) and not matches(a, w) for w in witnesses)
 
