@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,6 +23,7 @@ from oncelog.events import (
     subject_for,
     topic_error,
 )
+from oncelog.events.validate import suspect
 from oncelog.platform.publish import Outbound, check_frame
 from strategies import ANY_CHAR, HOSTILE_TOPIC, TEXT, TOPIC, event_body
 
@@ -153,3 +155,19 @@ def test_topic_grammar_is_one_rule_on_both_paths(topic: str) -> None:
         http_ok = False
     nats = decode_message("events." + topic, b'{"event_id": "e"}', RECEIVED_NS)
     assert http_ok == (topic_error(topic) is None) == isinstance(nats, Decoded)
+
+
+_OLD_SUSPECT = re.compile(rb"\\u|[0-9]{16}|[eE][+-]?[0-9]{3}")
+
+
+@PROPERTY
+@given(
+    st.binary(max_size=80)
+    | st.lists(st.sampled_from([b"\\", b"u", b"e", b"E", b"+", b"-", b"0", b"7", b"9", b"x"])).map(
+        b"".join
+    )
+)
+def test_the_suspect_test_is_the_regex_it_replaced(raw: bytes) -> None:
+    """The substring test that decides whether a payload gets the exact decode gives the
+    regex's verdict on any bytes: digits, exponents and escapes in any arrangement."""
+    assert suspect(raw) == (_OLD_SUSPECT.search(raw) is not None)
