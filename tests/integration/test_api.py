@@ -297,6 +297,34 @@ async def test_pagination_descending(
     assert wrong.json()["errors"][0]["field"] == "cursor"
 
 
+async def test_a_page_holds_at_most_events_page_bytes_of_payloads(
+    js: JetStreamContext, settings: ConsumerSettings, pool: asyncpg.Pool
+) -> None:
+    """A page ends early once its payloads would pass EVENTS_PAGE_BYTES, with a next link: big
+    events cannot make one response hold a gigabyte. An event bigger than the budget comes
+    alone, and walking the pages still returns every event once, in order."""
+    events = [
+        {
+            "topic": "big",
+            "event_id": f"{i:02d}",
+            "timestamp": f"2026-01-01T00:00:{i:02d}Z",
+            "payload": {"pad": "x" * (2000 if i == 9 else 480)},
+        }
+        for i in range(10)
+    ]
+    await seed(js, settings, pool, events)
+    async with api_client(settings, events_page_bytes=1200, rate_limit_per_second=0) as c:
+        pages: list[list[str]] = []
+        url: str | None = "/events?topic=big&limit=100"
+        while url is not None:
+            resp = await c.get(url)
+            assert resp.status_code == 200, resp.text
+            pages.append([e["event_id"] for e in resp.json()])
+            url = next_url(resp)
+    # Payloads of about 490 bytes: three start within 1,200 bytes, the fourth would not.
+    assert pages == [["00", "01", "02"], ["03", "04", "05"], ["06", "07", "08"], ["09"]]
+
+
 @pytest.mark.parametrize(
     ("params", "field"),
     [

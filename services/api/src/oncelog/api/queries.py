@@ -122,10 +122,30 @@ def events_query(
     return sql, args
 
 
-async def fetch_events(conn: Conn, **query: Any) -> list[Any]:
-    """Return up to `limit` events in (timestamp, topic, event_id) order (see events_query)."""
+async def fetch_events(conn: Conn, *, max_bytes: int, **query: Any) -> tuple[list[Any], bool]:
+    """Return up to `limit` events in (timestamp, topic, event_id) order (see events_query), and
+    whether the page was cut short to stay within `max_bytes` of payload text.
+
+    Events may be up to MAX_EVENT_BYTES each, so a page of 1,000 could hold a gigabyte: the rows
+    after the first whose payloads would pass `max_bytes` in all are left to the next page (the
+    first row always comes, whatever its size).
+    """
     sql, args = events_query(**query)
-    return await conn.fetch(sql, *args)
+    direction = "DESC" if query["descending"] else "ASC"
+    order = f"ts {direction}, topic {direction}, event_id {direction}"
+    args.append(max_bytes)
+    budgeted = f"""
+SELECT topic, event_id, ts, source, payload, fetched FROM (
+    SELECT *, sum(size) OVER (ORDER BY {order} ROWS UNBOUNDED PRECEDING) AS upto,
+           count(*) OVER () AS fetched
+    FROM (SELECT topic, event_id, ts, source, payload::text AS payload,
+                 octet_length(payload::text) AS size
+          FROM ({sql}) page) sized
+) summed
+WHERE upto - size < ${len(args)}
+ORDER BY {order}"""
+    rows = await conn.fetch(budgeted, *args)
+    return rows, bool(rows) and len(rows) < rows[0]["fetched"]
 
 
 async def fetch_stats(conn: Conn, topic: str | None = None) -> dict[str, stats.Counts]:

@@ -193,7 +193,7 @@ async def events(
         return Response([])
     async with state.connection() as conn:
         # One row more than asked tells whether a next page exists without another query.
-        rows = await queries.fetch_events(
+        rows, cut = await queries.fetch_events(
             conn,
             topic=pattern,
             since=window[0],
@@ -201,11 +201,12 @@ async def events(
             after=after,
             descending=descending,
             limit=limit + 1,
+            max_bytes=state.settings.events_page_bytes,
         )
     page = [queries.event_of(r) for r in rows[:limit]]
     headers = {}
-    if len(rows) > limit:
-        last = rows[limit - 1]
+    if cut or len(rows) > limit:
+        last = rows[len(page) - 1]
         token = queries.encode_cursor(
             queries.Cursor(last["ts"], last["topic"], last["event_id"], descending)
         )

@@ -31,6 +31,8 @@ class ApiSettings(CommonSettings, frozen=True, kw_only=True):
     # compose.yaml turns it on for the deployment (see docs/api.md#protection).
     rate_limit_per_second: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     rate_limit_burst: Positive = 200
+    # Payload text one page of GET /events may hold; the rest comes on the next page.
+    events_page_bytes: Positive = 8 * 1024 * 1024
     # The live tail (GET /events/stream): open streams per process; events and bytes of frames
     # buffered per stream before a slow one reads on from the store (streams taking the same
     # rows share them, so this bounds the worst case); the poll behind NOTIFY; keep-alives.
