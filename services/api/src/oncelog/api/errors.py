@@ -79,24 +79,24 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
     )
 
 
-def _store_down(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
-    _log.warning("postgres unavailable: %r", exc)
+def _retry_later(detail: str) -> Response[ErrorBody]:
     return Response(
-        ErrorBody(status_code=503, detail="PostgreSQL is unavailable; retry later"),
+        ErrorBody(status_code=503, detail=detail),
         status_code=HTTP_503_SERVICE_UNAVAILABLE,
         headers={"Retry-After": "1"},
     )
+
+
+def _store_down(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    _log.warning("postgres unavailable: %r", exc)
+    return _retry_later("PostgreSQL is unavailable; retry later")
 
 
 def _store_busy(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     # statement_timeout, lock_timeout or a deadlock: PostgreSQL is up but did not answer in
     # time, so the same request may succeed a moment later.
     _log.warning("postgres did not answer in time: %r", exc)
-    return Response(
-        ErrorBody(status_code=503, detail="PostgreSQL did not answer in time; retry later"),
-        status_code=HTTP_503_SERVICE_UNAVAILABLE,
-        headers={"Retry-After": "1"},
-    )
+    return _retry_later("PostgreSQL did not answer in time; retry later")
 
 
 def _bad_value(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
