@@ -17,8 +17,7 @@ from typing import IO, Any
 import msgspec
 from litestar.testing import AsyncTestClient
 
-from helpers import ApiClient, wait_until
-from oncelog.api.settings import ApiSettings
+from helpers import ApiClient, api_settings, wait_until
 from oncelog.consumer.settings import ConsumerSettings
 from oncelog.local.embedded import die_with_parent, free_port
 
@@ -210,11 +209,7 @@ async def api_client(settings: ConsumerSettings) -> AsyncIterator[AsyncTestClien
     """Run the API in this process on the scenario's stream and database."""
     from oncelog.api.app import create_app
 
-    api_settings = msgspec.convert(
-        {f: getattr(settings, f) for f in ApiSettings.__struct_fields__ if hasattr(settings, f)},
-        ApiSettings,
-    )
-    async with ApiClient(create_app(api_settings)) as client:
+    async with ApiClient(create_app(api_settings(settings))) as client:
 
         async def ready() -> bool:
             return (await client.get("/ready")).status_code == 200

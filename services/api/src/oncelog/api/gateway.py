@@ -146,6 +146,7 @@ async def _count_broker_duplicates(state: AppState, dups: Counter[str], acked: i
     again and counted then, so the statistics count each answered request once; a 202 with
     uncounted duplicates, or a 500, would leave them uncounted and the client unsure.
     """
+    dropped = sum(dups.values())
     try:
         async with state.connection() as conn:
             await add_broker_duplicates(conn, dups, state.shard)
@@ -153,10 +154,10 @@ async def _count_broker_duplicates(state: AppState, dups: Counter[str], acked: i
         _log.warning("could not count broker duplicates: %r", exc)
         raise Unavailable(
             detail=f"the {acked} events are in the stream, but PostgreSQL did not record the "
-            f"{sum(dups.values())} the broker dropped as duplicates ({type(exc).__name__}); "
+            f"{dropped} the broker dropped as duplicates ({type(exc).__name__}); "
             "retry the same body (duplicates are dropped, and counted then)",
         ) from exc
-    state.metrics.duplicates.labels("broker").inc(sum(dups.values()))
+    state.metrics.duplicates.labels("broker").inc(dropped)
 
 
 @post(

@@ -134,13 +134,15 @@ async def fetch_events(conn: Conn, *, max_bytes: int, **query: Any) -> tuple[lis
     direction = "DESC" if query["descending"] else "ASC"
     order = f"ts {direction}, topic {direction}, event_id {direction}"
     args.append(max_bytes)
+    # Each payload is converted to text once, in `texts` (OFFSET 0 keeps the planner from
+    # pulling it up and converting again for every use); its size is then its length.
     budgeted = f"""
 SELECT topic, event_id, ts, source, payload, fetched FROM (
-    SELECT *, sum(size) OVER (ORDER BY {order} ROWS UNBOUNDED PRECEDING) AS upto,
+    SELECT *, octet_length(payload) AS size,
+           sum(octet_length(payload)) OVER (ORDER BY {order} ROWS UNBOUNDED PRECEDING) AS upto,
            count(*) OVER () AS fetched
-    FROM (SELECT topic, event_id, ts, source, payload::text AS payload,
-                 octet_length(payload::text) AS size
-          FROM ({sql}) page) sized
+    FROM (SELECT topic, event_id, ts, source, payload::text AS payload
+          FROM ({sql}) page OFFSET 0) texts
 ) summed
 WHERE upto - size < ${len(args)}
 ORDER BY {order}"""
