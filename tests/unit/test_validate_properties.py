@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oncelog.api.ingest import BodyError, prepare
+from oncelog.api.ingest import BodyError, _each_event, prepare
 from oncelog.events import (
     MAX_PAYLOAD_DEPTH,
     REJECTION_CODES,
@@ -23,7 +24,7 @@ from oncelog.events import (
     subject_for,
     topic_error,
 )
-from oncelog.events.validate import suspect
+from oncelog.events.validate import suspect, text_problem
 from oncelog.platform.publish import Outbound, check_frame
 from strategies import ANY_CHAR, HOSTILE_TOPIC, TEXT, TOPIC, event_body
 
@@ -171,3 +172,56 @@ def test_the_suspect_test_is_the_regex_it_replaced(raw: bytes) -> None:
     """The substring test that decides whether a payload gets the exact decode gives the
     regex's verdict on any bytes: digits, exponents and escapes in any arrangement."""
     assert suspect(raw) == (_OLD_SUSPECT.search(raw) is not None)
+
+
+def _prepared(
+    fn: Callable[..., list[Outbound]], raw: bytes, max_payload: int
+) -> list[Outbound] | list[tuple[str, str]]:
+    try:
+        return fn(raw, now=NOW, subject_prefix="events", max_payload=max_payload)
+    except BodyError as exc:
+        return [(e.field, e.message) for e in exc.errors]
+
+
+@st.composite
+def batch_body(draw: st.DrawFn) -> bytes:
+    """A body of any shape holding a few events, valid or not, with or without a topic."""
+    topics = st.one_of(TOPIC, HOSTILE_TOPIC, st.none())
+    events = draw(st.lists(topics.flatmap(lambda t: event_body(topic=t)), max_size=4))
+    inner = b"[" + b",".join(body for _, body in events) + b"]"
+    shape = draw(st.sampled_from(["array", "envelope", "extra member", "event_id too", "one"]))
+    if shape == "array":
+        return inner
+    if shape == "envelope":
+        return b'{"events": ' + inner + b"}"
+    if shape == "extra member":
+        return b'{"events": ' + inner + b', "note": 1}'
+    if shape == "event_id too":
+        return b'{"event_id": "e", "events": ' + inner + b"}"
+    return events[0][1] if events else b"{}"
+
+
+@PROPERTY
+@given(batch_body() | st.binary(max_size=60), st.sampled_from([1 << 20, 400, 150]))
+def test_the_one_pass_batch_path_answers_as_the_event_by_event_path(
+    raw: bytes, max_payload: int
+) -> None:
+    """A body decoded in one pass gives exactly the messages the event-by-event path gives,
+    and a body it leaves to that path gets that path's errors: the two never disagree."""
+    assert _prepared(prepare, raw, max_payload) == _prepared(_each_event, raw, max_payload)
+
+
+_OLD_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_OLD_PLAIN_ID = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
+
+
+@PROPERTY
+@given(
+    st.text(ANY_CHAR, max_size=40) | st.text(st.sampled_from(" \t\x7f\x9f\xa0a~\u2028"), max_size=5)
+)
+def test_the_string_tests_are_the_regexes_they_replaced(text: str) -> None:
+    """The C-speed tests of an event id or source give their regexes' verdicts on any text."""
+    assert (text_problem(text) is None) == (_OLD_CONTROL.search(text) is None)
+    plain = _OLD_PLAIN_ID.fullmatch(text) is not None
+    assert msg_id("t", text) == ("t:" + text if plain else msg_id("t", text))
+    assert msg_id("t", text).startswith("t:") == plain

@@ -75,6 +75,8 @@ class Problem(NamedTuple):
 
 def text_problem(value: str) -> str | None:
     """Return why a string field (event_id, source) cannot be carried and stored, or None."""
+    if value.isprintable():
+        return None  # every control character is unprintable: nothing for the search to find
     found = _CONTROL.search(value)
     if found is None:
         return None

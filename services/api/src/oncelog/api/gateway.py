@@ -37,7 +37,6 @@ from oncelog.events import (
     topic_error,
 )
 from oncelog.platform.publish import Outbound, PublishError, publish_many
-from oncelog.store.stats import add_broker_duplicates
 
 __all__ = ["publish", "replay"]
 
@@ -148,8 +147,7 @@ async def _count_broker_duplicates(state: AppState, dups: Counter[str], acked: i
     """
     dropped = sum(dups.values())
     try:
-        async with state.connection() as conn:
-            await add_broker_duplicates(conn, dups, state.shard)
+        await state.duplicates.add(dups)
     except (asyncpg.PostgresError, asyncpg.InterfaceError, StoreUnreachableError) as exc:
         _log.warning("could not count broker duplicates: %r", exc)
         raise Unavailable(
