@@ -103,17 +103,23 @@ class Stack:
 
 
 @contextmanager
-def stack(root: Path, sync_always: bool = False) -> Iterator[Stack]:
-    """Start nats-server and PostgreSQL in `root`, migrated and provisioned."""
+def stack(root: Path, sync_always: bool = False, commit_times: bool = False) -> Iterator[Stack]:
+    """Start nats-server and PostgreSQL in `root`, migrated and provisioned.
+
+    `commit_times` has PostgreSQL keep each transaction's commit time
+    (track_commit_timestamp), from which the HTTP latency scenario reads when each row became
+    durable.
+    """
     root.mkdir(parents=True, exist_ok=True)
     config = None
     if sync_always:
         config = root / "nats.conf"
         config.write_text("jetstream { sync_interval: always }\n")
     nats_server = NatsServer(root / "nats", config_file=config).start()
-    postgres = PostgresServer(
-        root / "pg", settings={"shared_buffers": "512MB", "max_wal_size": "4GB"}
-    ).start()
+    pg_settings = {"shared_buffers": "512MB", "max_wal_size": "4GB"}
+    if commit_times:
+        pg_settings["track_commit_timestamp"] = "on"
+    postgres = PostgresServer(root / "pg", settings=pg_settings).start()
     settings = load(
         CommonSettings,
         {},
@@ -771,6 +777,88 @@ async def latency(s: Stack, rate: int, seconds: int) -> dict[str, Any]:
     }
 
 
+async def http_latency(
+    s: Stack, rate: int, seconds: int, batch: int = 10, connections: int = 16
+) -> dict[str, Any]:
+    """POST /publish at a fixed rate; publish -> committed from the client's clock to the
+    commit of each event's row.
+
+    Requests of `batch` events leave on a fixed schedule over `connections` keep-alive
+    connections; each event carries its request's scheduled send time as its timestamp, so a
+    request held back (every connection busy) counts its wait too. PostgreSQL's commit time of
+    the transaction that stored each row (track_commit_timestamp) ends the interval.
+    """
+    port = free_port()
+    procs = [
+        s.spawn("oncelog.consumer", METRICS_PORT=str(free_port())),
+        s.spawn("oncelog.api", API_PORT=str(port), RATE_LIMIT_PER_SECOND="0"),
+    ]
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        await api_ready(client)
+    requests = rate * seconds // batch
+    idle: asyncio.Queue[Lean] = asyncio.Queue()
+    for _ in range(connections):
+        idle.put_nowait(Lean(port))
+    answered: list[float] = []
+    statuses: dict[int, int] = {}
+
+    async def send(n: int, at: float) -> None:
+        lean = await idle.get()
+        sent = datetime.fromtimestamp(at, UTC).isoformat()
+        body = json.dumps(
+            {
+                "events": [
+                    {
+                        "topic": f"bench.t{(n * batch + i) % TOPICS}",
+                        "event_id": f"h-{n}-{i}",
+                        "source": "http-latency",
+                        "timestamp": sent,
+                        "payload": PAYLOAD | {"n": n * batch + i},
+                    }
+                    for i in range(batch)
+                ]
+            }
+        ).encode()
+        status, _, _ = await lean.request("POST", "/publish", body)
+        answered.append(time.time() - at)
+        statuses[status] = statuses.get(status, 0) + 1
+        idle.put_nowait(lean)
+
+    await asyncio.sleep(1.0)  # let the consumer bind before the clock starts
+    start_wall, start = time.time(), time.monotonic()
+    tasks = []
+    for n in range(requests):
+        offset = n * batch / rate
+        if (delay := start + offset - time.monotonic()) > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(send(n, start_wall + offset)))
+    await asyncio.gather(*tasks)
+    await wait_received(s, requests * batch, procs)
+    conn = await asyncpg.connect(s.settings.database_url)
+    try:
+        lags = sorted(
+            r[0]
+            for r in await conn.fetch(
+                "SELECT extract(epoch FROM pg_xact_commit_timestamp(xmin) - ts)::float8"
+                " FROM events WHERE source = 'http-latency'"
+            )
+        )
+    finally:
+        await conn.close()
+    while not idle.empty():
+        await idle.get_nowait().close()
+    s.stop_services()
+    answered.sort()
+    return {
+        "offered_per_second": rate,
+        "batch": batch,
+        "statuses": statuses,
+        "p50_ms": round(lags[len(lags) // 2] * 1000, 1),
+        "p99_ms": round(lags[int(len(lags) * 0.99)] * 1000, 1),
+        "answered_p99_ms": round(answered[int(len(answered) * 0.99)] * 1000, 1),
+    }
+
+
 async def settle(s: Stack) -> None:
     """Let the store reach its steady state after a bulk load: what autovacuum would do later."""
     conn = await asyncpg.connect(s.settings.database_url)
@@ -934,13 +1022,23 @@ def render(results: dict[str, Any]) -> str:
         lk = results["latency_1k"]
         rows += [
             (
-                f"publish -> committed at {lat['offered_per_second']:,}/s",
+                f"NATS publish -> committed at {lat['offered_per_second']:,}/s",
                 f"p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms",
                 spread(lat, "ms p99") + f"(broker -> row, from the DB: p50 {lat['db_p50_ms']} ms, "
                 f"p99 {lat['db_p99_ms']} ms)",
             ),
             (
-                "publish -> committed at 1,000/s",
+                f"POST /publish -> committed at {results['http_latency']['offered_per_second']:,}/s",
+                f"p50 {results['http_latency']['p50_ms']} ms, "
+                f"p99 {results['http_latency']['p99_ms']} ms",
+                spread(results["http_latency"], "ms p99")
+                + f"(client's send to the row's commit; requests of "
+                f"{results['http_latency']['batch']}, answered p99 "
+                f"{results['http_latency']['answered_p99_ms']} ms, statuses "
+                f"{results['http_latency']['statuses']})",
+            ),
+            (
+                "NATS publish -> committed at 1,000/s",
                 f"p50 {lk['p50_ms']} ms, p99 {lk['p99_ms']} ms",
                 f"(broker -> row, from the DB: p50 {lk['db_p50_ms']} ms, p99 {lk['db_p99_ms']} ms)",
             ),
@@ -1198,6 +1296,14 @@ def run(args: argparse.Namespace, only: set[str]) -> dict[str, Any]:
             results["latency"] = median_run(latency_runs, "p99_ms")
             with stack(Path(tmp) / "f") as s:
                 results["latency_1k"] = asyncio.run(latency(s, 1000, 6 if args.quick else 20))
+            # The same offered load through POST /publish, from the client's clock.
+            http_latency_runs = []
+            for n in range(runs):
+                with stack(Path(tmp) / f"g{n}", commit_times=True) as s:
+                    http_latency_runs.append(
+                        asyncio.run(http_latency(s, offered, 6 if args.quick else 20))
+                    )
+            results["http_latency"] = median_run(http_latency_runs, "p99_ms")
         if "tail" in only:
             results["tail"] = tail_pairs(Path(tmp), runs, 50_000 if args.quick else 200_000)
         if "retention" in only:
@@ -1217,7 +1323,7 @@ METRICS = {
     "sync": ["drain_sync_always.events_per_second"],
     "live": ["live.events_per_second"],
     "http": ["http.events_per_second", "http.gateway_cpu_us_per_event", "ratios.http_of_live"],
-    "latency": ["latency.p99_ms"],
+    "latency": ["latency.p99_ms", "http_latency.p99_ms"],
     "tail": ["tail.ratio"],
     "retention": ["retention.ratio"],
 }
