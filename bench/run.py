@@ -1134,7 +1134,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     left.set_ylabel("events/s")
     left.set_title("Throughput")
     q = results["queries"]
-    labels = ["/events p50", "/events p99", "/stats p50", "/stats p99", "e2e p50", "e2e p99"]
+    labels = ["/events p50", "/events p99", "/stats p50", "/stats p99"]
+    labels += ["NATS e2e p50", "NATS e2e p99", "HTTP e2e p50", "HTTP e2e p99"]
     values = [
         q["events"]["p50_ms"],
         q["events"]["p99_ms"],
@@ -1142,6 +1143,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         q["stats"]["p99_ms"],
         results["latency"]["p50_ms"],
         results["latency"]["p99_ms"],
+        results["http_latency"]["p50_ms"],
+        results["http_latency"]["p99_ms"],
     ]
     right.barh(labels, values, color="#6c5fc7")
     right.set_xlabel("milliseconds")
