@@ -833,7 +833,9 @@ async def http_latency(
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(send(n, start_wall + offset)))
     await asyncio.gather(*tasks)
-    await wait_received(s, requests * batch, procs)
+    if set(statuses) != {202}:
+        raise RuntimeError(f"POST /publish answered {statuses}")
+    await wait_received(s, requests * batch, procs, limit=120)
     conn = await asyncpg.connect(s.settings.database_url)
     try:
         lags = sorted(
