@@ -20,6 +20,20 @@ async def _true(value: bool) -> bool:
     return value
 
 
+async def writing(tally: DuplicateTally, counts: dict[str, int]) -> asyncio.Task[None]:
+    """Start a request's add; return once the write carrying it is under way."""
+    task = asyncio.create_task(tally.add(counts))
+    await wait_until(lambda: _true(tally.writes == 1 and not tally.queued))
+    return task
+
+
+async def queued(tally: DuplicateTally, counts: list[dict[str, int]]) -> list[asyncio.Task[None]]:
+    """Start one add per entry; return once all of them wait for the next write."""
+    tasks = [asyncio.create_task(tally.add(c)) for c in counts]
+    await wait_until(lambda: _true(tally.queued == len(counts)))
+    return tasks
+
+
 async def counted(pool: asyncpg.Pool) -> dict[str, tuple[int, int]]:
     rows = await pool.fetch(
         "SELECT topic, received, broker_duplicates FROM topic_stats WHERE shard = $1", SHARD
@@ -51,10 +65,8 @@ async def test_requests_that_wait_together_are_one_transaction_and_all_counted(
     async with pool.acquire() as holder:
         async with holder.transaction():
             await holder.execute("LOCK TABLE topic_stats IN SHARE MODE")
-            first = asyncio.create_task(tally.add({"a": 1}))
-            await wait_until(lambda: _true(tally.writes == 1 and not tally.queued))
-            rest = [asyncio.create_task(tally.add({"a": 2, "b": i})) for i in range(1, 20)]
-            await wait_until(lambda: _true(tally.queued == 19))
+            first = await writing(tally, {"a": 1})
+            rest = await queued(tally, [{"a": 2, "b": i} for i in range(1, 20)])
             assert not any(t.done() for t in [first, *rest])
         await asyncio.gather(first, *rest)
     assert tally.writes == 2
@@ -86,10 +98,8 @@ async def test_a_request_cancelled_while_it_waits_leaves_its_counts_to_the_write
     async with pool.acquire() as holder:
         async with holder.transaction():
             await holder.execute("LOCK TABLE topic_stats IN SHARE MODE")
-            gone = asyncio.create_task(tally.add({"a": 1}))
-            await wait_until(lambda: _true(tally.writes == 1 and not tally.queued))
-            stays = asyncio.create_task(tally.add({"a": 2}))
-            await wait_until(lambda: _true(tally.queued == 1))
+            gone = await writing(tally, {"a": 1})
+            (stays,) = await queued(tally, [{"a": 2}])
             gone.cancel()
         with pytest.raises(asyncio.CancelledError):
             await gone
