@@ -24,10 +24,19 @@ TOPIC_PATTERN = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
 _TOPIC_RE = re.compile(TOPIC_PATTERN)
 # A topic, or a NATS pattern over topics: '*' for one token, a final '>' for one or more.
 _PATTERN_RE = re.compile(r"([A-Za-z0-9_-]+|\*)(\.([A-Za-z0-9_-]+|\*))*(\.>)?|>")
-# Event ids carried in a Msg-Id as they are: printable ASCII, no space at either end. Both
-# nats-py and the server trim a header value's surrounding whitespace, and a line break would
-# end the header, so anything else is carried encoded (see `msg_id`).
-_PLAIN_ID = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
+
+
+def _plain_id(event_id: str) -> bool:
+    """Whether an event id is carried in a Msg-Id as it is: printable ASCII (0x20-0x7e), not
+    empty, no space at either end. Both nats-py and the server trim a header value's
+    surrounding whitespace, and a line break would end the header, so anything else is carried
+    encoded (see `msg_id`)."""
+    return (
+        event_id.isascii()
+        and event_id.isprintable()
+        and event_id != ""
+        and event_id.strip(" ") == event_id
+    )
 
 
 def topic_error(topic: str) -> str | None:
@@ -87,13 +96,7 @@ def msg_id(topic: str, event_id: str) -> str:
     after the topic tells the two forms apart, and the mapping is injective: two different
     (topic, event_id) pairs never share a Msg-Id.
     """
-    # The same test as _PLAIN_ID, at C speed: ASCII 0x20-0x7e, no space at either end.
-    if (
-        event_id.isascii()
-        and event_id.isprintable()
-        and event_id
-        and event_id.strip(" ") == event_id
-    ):
+    if _plain_id(event_id):
         return f"{topic}:{event_id}"
     encoded = base64.urlsafe_b64encode(event_id.encode("utf-8", "surrogatepass"))
     return f"{topic}~{encoded.rstrip(b'=').decode()}"
@@ -108,7 +111,7 @@ def parse_msg_id(value: str) -> tuple[str, str] | None:
     if topic_error(topic) is not None:
         return None
     if form == ":":
-        return (topic, rest) if _PLAIN_ID.fullmatch(rest) is not None else None
+        return (topic, rest) if _plain_id(rest) else None
     try:
         raw = base64.urlsafe_b64decode(rest + "=" * (-len(rest) % 4))
         event_id = raw.decode("utf-8", "surrogatepass")

@@ -32,7 +32,7 @@ class DuplicateTally:
         self._counts: Counter[str] = Counter()
         self._waiters: list[asyncio.Future[None]] = []
         self._writer: asyncio.Task[None] | None = None
-        # Transactions written so far: what the grouping saves, seen by tests and metrics.
+        # Transactions begun so far (failed ones too): how far the grouping goes.
         self.writes = 0
 
     @property
