@@ -179,3 +179,25 @@ async def test_a_payload_as_postgresql_prints_it_is_one_line_of_the_same_json(
 def test_frame_data_is_the_event_field_for_field() -> None:
     """A frame's data has /events' fields in /events' order."""
     assert FrameData.__struct_fields__ == Event.__struct_fields__
+
+
+async def test_a_read_holds_at_most_its_bytes_and_the_next_read_goes_on(
+    pool: asyncpg.Pool,
+) -> None:
+    """A read keeps the rows up to the first whose payloads would pass `max_bytes` (the first
+    always comes) and says it was cut; reading on after its last row misses and repeats none."""
+    ids = [f"e{i}" for i in range(10)]
+    async with pool.acquire() as conn:
+        await store_batch(conn, batch_items("t.bytes", ids), shard=0)
+        # Each payload prints as {"n": 0} and so on: 8 bytes, so 3 start within 20.
+        first = await tail.read_after(conn, ORIGIN, 100, max_bytes=20)
+        assert [r["event_id"] for r in first] == ["e0", "e1", "e2"]
+        assert first[0]["fetched"] == 10
+        got, after = [], ORIGIN
+        while rows := await tail.read_after(conn, after, 100, max_bytes=20):
+            assert len(rows) <= 3
+            got += [r["event_id"] for r in rows]
+            after = Position(rows[-1]["tx"], rows[-1]["pos"])
+        alone = await tail.read_after(conn, ORIGIN, 100, max_bytes=1)
+    assert got == ids
+    assert [r["event_id"] for r in alone] == ["e0"]

@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from oncelog.store.pages import within_bytes
 from oncelog.store.schema import Conn
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "NOTIFY_SQL",
     "ORIGIN",
     "POSITION_PATTERN",
+    "READ_BYTES",
     "Position",
     "PositionError",
     "head",
@@ -37,7 +39,8 @@ _TEXT = re.compile(POSITION_PATTERN.removeprefix("^").removesuffix("$"))
 
 # Everything below this transaction id has committed or rolled back, for good.
 _HORIZON = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
-_COLUMNS = "tx, pos, topic, event_id, ts, source, payload"
+_KEYS = "tx, pos, topic, event_id, ts, source"
+_COLUMNS = f"{_KEYS}, payload"
 
 
 class PositionError(ValueError):
@@ -74,6 +77,11 @@ async def head(conn: Conn) -> Position:
     return Position(row["tx"], row["pos"]) if row is not None else ORIGIN
 
 
+# What one read may hold of payload text, past its first row: events may be up to
+# MAX_EVENT_BYTES each, and a read of 500 of them must not hold half a gigabyte.
+READ_BYTES = 8 * 1024 * 1024
+
+
 async def read_after(
     conn: Conn,
     after: Position,
@@ -82,8 +90,11 @@ async def read_after(
     until: Position | None = None,
     condition: str | None = None,
     params: tuple[Any, ...] = (),
+    max_bytes: int = READ_BYTES,
 ) -> list[Any]:
-    """Return up to `limit` exposed events after `after` (and at or before `until`), in order.
+    """Return up to `limit` exposed events after `after` (and at or before `until`), in order,
+    holding at most `max_bytes` of payload text past the first (fewer rows than `limit` then,
+    and more to read).
 
     `condition` is an extra SQL condition on the row whose parameters are `params`, numbered
     from $1; the position parameters follow them.
@@ -103,4 +114,5 @@ async def read_after(
         + " AND ".join(where)
         + f" ORDER BY tx, pos LIMIT ${len(args)}"
     )
-    return await conn.fetch(sql, *args)
+    args.append(max_bytes)
+    return await conn.fetch(within_bytes(sql, _KEYS, "tx, pos", len(args)), *args)

@@ -266,8 +266,8 @@ class Follower:
             recheck: float | None = None
             while True:
                 self._wake.clear()
-                got = await self._read(conn)
-                if got == READ_BATCH:
+                got, full = await self._read(conn)
+                if full:
                     # More may be exposed already.
                     continue
                 if got:
@@ -286,12 +286,13 @@ class Follower:
             with contextlib.suppress(Exception):
                 await conn.remove_listener(store_tail.NOTIFY_CHANNEL, self._notified)
 
-    async def _read(self, conn: PoolConnectionProxy[Any]) -> int:
-        """Hand out the next exposed rows; return how many there were."""
+    async def _read(self, conn: PoolConnectionProxy[Any]) -> tuple[int, bool]:
+        """Hand out the next exposed rows; return how many there were, and whether the read
+        was full (in rows or in bytes), so that more may be waiting."""
         assert self.position is not None
         rows = await store_tail.read_after(conn, self.position, READ_BATCH)
         if not rows:
-            return 0
+            return 0, False
         # No await from here on: a stream registered now starts after these rows. Each row is
         # framed once, however many streams take it, and each stream's pattern is tested once
         # per topic of the batch, not once per row.
@@ -314,7 +315,7 @@ class Follower:
                 )
             stream.offer(chunk)
         self.position = _position(rows[-1])
-        return len(rows)
+        return len(rows), len(rows) == READ_BATCH or len(rows) < rows[0]["fetched"]
 
 
 async def events(
