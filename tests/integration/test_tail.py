@@ -259,6 +259,33 @@ async def test_a_stream_too_slow_for_its_buffer_reads_on_from_the_store(
         assert float(resyncs[0].split()[-1]) >= 1
 
 
+async def test_events_past_a_reads_byte_budget_all_arrive_live_and_on_catch_up(
+    settings: ConsumerSettings, js: JetStreamContext, pool: asyncpg.Pool
+) -> None:
+    """Twelve events of 800 kB pass one read's 8 MiB: the follower's read is cut short and it
+    reads on at once, and a stream catching up from the start gets them over several reads;
+    both get all twelve once, in order."""
+    blob = "x" * 800_000
+    async with (
+        serving(settings) as base,
+        running_consumer(settings, js, pool),
+    ):
+        live = Tailer(base, "big.t")
+        task = asyncio.create_task(live.run(stop_after=12))
+        await asyncio.wait_for(live.connected.wait(), 10)
+        async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+            for i in range(12):
+                event = {"topic": "big.t", "event_id": str(i), "payload": {"blob": blob}}
+                assert (await http.post("/publish", json=event)).status_code == 202
+        await asyncio.wait_for(task, 60)
+        late = Tailer(base, "big.t")
+        await asyncio.wait_for(late.run(stop_after=12, after="0-0"), 60)
+    ids = [str(i) for i in range(12)]
+    assert [e["event_id"] for _, e in live.events] == ids
+    assert [e["event_id"] for _, e in late.events] == ids
+    assert all(e["payload"] == {"blob": blob} for _, e in late.events)
+
+
 async def test_keep_alives_cap_keys_and_hostile_positions(
     settings: ConsumerSettings, js: JetStreamContext, pool: asyncpg.Pool
 ) -> None:

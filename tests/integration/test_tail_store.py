@@ -192,7 +192,10 @@ async def test_a_read_holds_at_most_its_bytes_and_the_next_read_goes_on(
         # Each payload prints as {"n": 0} and so on: 8 bytes, so 3 start within 20.
         first = await tail.read_after(conn, ORIGIN, 100, max_bytes=20)
         assert [r["event_id"] for r in first] == ["e0", "e1", "e2"]
-        assert first[0]["fetched"] == 10
+        assert [r["upto"] for r in first] == [8, 16, 24]
+        assert tail.more_after(first, 100, 20)
+        assert not tail.more_after(first[:2], 100, 20)
+        assert tail.more_after(first, 3, 10**9)
         got, after = [], ORIGIN
         while rows := await tail.read_after(conn, after, 100, max_bytes=20):
             assert len(rows) <= 3

@@ -13,7 +13,6 @@ from typing import Any
 
 import msgspec
 
-from oncelog.store.pages import within_bytes
 from oncelog.store.schema import Conn
 
 __all__ = [
@@ -25,6 +24,7 @@ __all__ = [
     "Position",
     "PositionError",
     "head",
+    "more_after",
     "read_after",
 ]
 
@@ -39,8 +39,7 @@ _TEXT = re.compile(POSITION_PATTERN.removeprefix("^").removesuffix("$"))
 
 # Everything below this transaction id has committed or rolled back, for good.
 _HORIZON = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
-_KEYS = "tx, pos, topic, event_id, ts, source"
-_COLUMNS = f"{_KEYS}, payload"
+_COLUMNS = "tx, pos, topic, event_id, ts, source, payload"
 
 
 class PositionError(ValueError):
@@ -77,7 +76,7 @@ async def head(conn: Conn) -> Position:
     return Position(row["tx"], row["pos"]) if row is not None else ORIGIN
 
 
-# What one read may hold of payload text, past its first row: events may be up to
+# What one read may hold of payload text past its first row: events may be up to
 # MAX_EVENT_BYTES each, and a read of 500 of them must not hold half a gigabyte.
 READ_BYTES = 8 * 1024 * 1024
 
@@ -93,11 +92,12 @@ async def read_after(
     max_bytes: int = READ_BYTES,
 ) -> list[Any]:
     """Return up to `limit` exposed events after `after` (and at or before `until`), in order,
-    holding at most `max_bytes` of payload text past the first (fewer rows than `limit` then,
-    and more to read).
+    with no more than `max_bytes` of payload text past the first row.
 
-    `condition` is an extra SQL condition on the row whose parameters are `params`, numbered
-    from $1; the position parameters follow them.
+    Each row carries `upto`, the payload text of the rows up to and including it. A read that
+    stops short of `limit` with its last `upto` at `max_bytes` or more may have been cut: read
+    on after its last row (`more_after`). `condition` is an extra SQL condition on the row
+    whose parameters are `params`, numbered from $1; the position parameters follow them.
     """
     args: list[Any] = list(params)
     where = [condition] if condition else []
@@ -108,11 +108,23 @@ async def read_after(
         where.append(f"(tx, pos) <= (${len(args) - 1}, ${len(args)})")
     else:
         where.append(f"tx < {_HORIZON}")
-    args.append(limit)
-    sql = (
-        f"SELECT {_COLUMNS} FROM events WHERE "
-        + " AND ".join(where)
-        + f" ORDER BY tx, pos LIMIT ${len(args)}"
-    )
-    args.append(max_bytes)
-    return await conn.fetch(within_bytes(sql, _KEYS, "tx, pos", len(args)), *args)
+    args += [limit, max_bytes]
+    # Each payload becomes text once, in the page, which keeps its index order, so the running
+    # sum needs no sort; PostgreSQL prints a jsonb as this same text when it sends it.
+    sql = f"""
+SELECT * FROM (
+    SELECT page.*, sum(octet_length(payload)) OVER (ORDER BY tx, pos ROWS UNBOUNDED PRECEDING)
+           AS upto
+    FROM (SELECT tx, pos, topic, event_id, ts, source, payload::text AS payload FROM events
+          WHERE {" AND ".join(where)} ORDER BY tx, pos LIMIT ${len(args) - 1}) page
+) summed
+WHERE upto - octet_length(payload) < ${len(args)}
+ORDER BY tx, pos"""
+    return await conn.fetch(sql, *args)
+
+
+def more_after(rows: list[Any], limit: int, max_bytes: int = READ_BYTES) -> bool:
+    """Whether more rows may follow a read of `limit` rows and `max_bytes`: it was full, in rows
+    or in bytes. A read whose last row filled the budget exactly says so too; the next read
+    then finds nothing, which costs a query and nothing else."""
+    return len(rows) == limit or (bool(rows) and rows[-1]["upto"] >= max_bytes)

@@ -11,7 +11,6 @@ import msgspec
 
 from oncelog.events import Event
 from oncelog.store import stats
-from oncelog.store.pages import within_bytes
 from oncelog.store.schema import Conn
 from oncelog.store.topics import is_exact, topic_filter
 
@@ -135,7 +134,18 @@ async def fetch_events(conn: Conn, *, max_bytes: int, **query: Any) -> tuple[lis
     direction = "DESC" if query["descending"] else "ASC"
     order = f"ts {direction}, topic {direction}, event_id {direction}"
     args.append(max_bytes)
-    budgeted = within_bytes(sql, "topic, event_id, ts, source", order, len(args))
+    # Each payload is converted to text once, in `texts` (OFFSET 0 keeps the planner from
+    # pulling it up and converting again for every use); its size is then its length.
+    budgeted = f"""
+SELECT topic, event_id, ts, source, payload, fetched FROM (
+    SELECT *, octet_length(payload) AS size,
+           sum(octet_length(payload)) OVER (ORDER BY {order} ROWS UNBOUNDED PRECEDING) AS upto,
+           count(*) OVER () AS fetched
+    FROM (SELECT topic, event_id, ts, source, payload::text AS payload
+          FROM ({sql}) page OFFSET 0) texts
+) summed
+WHERE upto - size < ${len(args)}
+ORDER BY {order}"""
     rows = await conn.fetch(budgeted, *args)
     return rows, bool(rows) and len(rows) < rows[0]["fetched"]
 

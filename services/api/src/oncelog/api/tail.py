@@ -315,7 +315,7 @@ class Follower:
                 )
             stream.offer(chunk)
         self.position = _position(rows[-1])
-        return len(rows), len(rows) == READ_BATCH or len(rows) < rows[0]["fetched"]
+        return len(rows), store_tail.more_after(rows, READ_BATCH)
 
 
 async def events(
