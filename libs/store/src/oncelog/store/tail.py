@@ -39,7 +39,7 @@ _TEXT = re.compile(POSITION_PATTERN.removeprefix("^").removesuffix("$"))
 
 # Everything below this transaction id has committed or rolled back, for good.
 _HORIZON = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
-_COLUMNS = "tx, pos, topic, event_id, ts, source, payload"
+_KEYS = "tx, pos, topic, event_id, ts, source"
 
 
 class PositionError(ValueError):
@@ -115,7 +115,7 @@ async def read_after(
 SELECT * FROM (
     SELECT page.*, sum(octet_length(payload)) OVER (ORDER BY tx, pos ROWS UNBOUNDED PRECEDING)
            AS upto
-    FROM (SELECT tx, pos, topic, event_id, ts, source, payload::text AS payload FROM events
+    FROM (SELECT {_KEYS}, payload::text AS payload FROM events
           WHERE {" AND ".join(where)} ORDER BY tx, pos LIMIT ${len(args) - 1}) page
 ) summed
 WHERE upto - octet_length(payload) < ${len(args)}
