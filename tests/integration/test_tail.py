@@ -262,9 +262,10 @@ async def test_a_stream_too_slow_for_its_buffer_reads_on_from_the_store(
 async def test_events_past_a_reads_byte_budget_all_arrive_live_and_on_catch_up(
     settings: ConsumerSettings, js: JetStreamContext, pool: asyncpg.Pool
 ) -> None:
-    """Twelve events of 800 kB pass one read's 8 MiB: the follower's read is cut short and it
-    reads on at once, and a stream catching up from the start gets them over several reads;
-    both get all twelve once, in order."""
+    """Twelve events of 800 kB, 9.6 MB, pass one read's 8 MiB. A live stream gets them as they
+    commit; a stream catching up from the start reads them from the store, where a read is cut
+    after eleven and the next goes on from there. Both get all twelve once, in order. (The
+    follower's going on after a cut read is `more_after`, tested in test_tail_store.py.)"""
     blob = "x" * 800_000
     async with (
         serving(settings) as base,
