@@ -417,10 +417,9 @@ async def live(s: Stack, count: int) -> dict[str, Any]:
     )
     consumer_cpu = cpu_seconds(consumer.pid)
     _, t1, _ = await wait_received(s, count, [consumer])
-    done = time.time() - (time.monotonic() - t1)
     consumer_us = cpu_us_per_event(consumer_cpu, consumer.pid, count)
     publisher.wait(60)
-    seconds = done - await first_received(s)
+    seconds = await since_first_received(s, t1)
     s.stop_services()
     return {
         "events_per_second": round(count / seconds),
@@ -429,12 +428,13 @@ async def live(s: Stack, count: int) -> dict[str, Any]:
     }
 
 
-async def first_received(s: Stack) -> float:
-    """When the broker received the first event stored (epoch seconds): the clock's start.
+async def since_first_received(s: Stack, done: float) -> float:
+    """Seconds from the broker's receipt of the first event stored to `done` (monotonic).
 
-    Live and HTTP ingestion are both timed from here to the last event counted, so neither
-    counts a process's start-up (the publisher's interpreter, say) nor the other's warm-up.
+    Live and HTTP ingestion are both timed this way, so neither counts a process's start-up
+    (the publisher's interpreter, say) nor the other's warm-up.
     """
+    done_wall = time.time() - (time.monotonic() - done)
     conn = await asyncpg.connect(s.settings.database_url)
     try:
         first = await conn.fetchval(
@@ -443,7 +443,7 @@ async def first_received(s: Stack) -> float:
     finally:
         await conn.close()
     assert isinstance(first, float)
-    return first
+    return done_wall - first
 
 
 class Lean:
@@ -532,11 +532,10 @@ async def http_ingest(
         await asyncio.gather(*(worker() for _ in range(clients)))
         accepted = time.monotonic() - started
         _, t1, _ = await wait_received(s, count, procs)
-        done = time.time() - (time.monotonic() - t1)
         gateway_us = cpu_us_per_event(api_cpu, procs[1].pid, count)
         consumer_us = cpu_us_per_event(consumer_cpu, procs[0].pid, count)
     api_rss = peak_rss_mib(procs[1].pid)
-    seconds = done - await first_received(s)
+    seconds = await since_first_received(s, t1)
     s.stop_services()
     return {
         "events_per_second": round(count / seconds),
