@@ -92,8 +92,9 @@ async def settings(servers: Servers, uid: str) -> AsyncIterator[ConsumerSettings
     nc = await nats.connect(servers.nats.url)
     try:
         js = nc.jetstream()
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.delete_stream(settings.stream)
+        for stream in (settings.stream, f"{settings.stream}_TALLY"):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await js.delete_stream(stream)
     finally:
         await nc.close()
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import re
 
+import asyncpg
 import msgspec
 import pytest
 from nats.js import JetStreamContext
 
-from helpers import api_client
+from helpers import api_client, wait_until
 from oncelog.api.protect import RATE_LIMIT_HEADERS, Quota, TokenBuckets
 from oncelog.api.settings import ApiSettings
 from oncelog.consumer.settings import ConsumerSettings
@@ -162,7 +163,7 @@ async def test_no_ratelimit_headers_while_the_limit_is_off(
 
 
 async def test_metrics_count_by_route_template(
-    settings: ConsumerSettings, js: JetStreamContext
+    settings: ConsumerSettings, js: JetStreamContext, pool: asyncpg.Pool
 ) -> None:
     """/metrics exports request counts and durations labelled with the route template, never
     the raw path, plus pool, gateway and broker-duplicate metrics."""
@@ -173,6 +174,8 @@ async def test_metrics_count_by_route_template(
         await c.get("/events/other/2")
         await c.get("/no/such/route")
         await c.get("/events", params={"limit": "5000"})
+        # The tally applier's connection is back in the pool once the duplicates are counted.
+        await wait_until(lambda: _broker_duplicates_counted(pool, 2))
         resp = await c.get("/metrics")
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/plain")
@@ -198,3 +201,8 @@ async def test_metrics_count_by_route_template(
     # Every request is answered, so the connections the reads used are back in the pool.
     assert value('oncelog_db_pool_connections{state="in_use"}') == 0
     assert value('oncelog_db_pool_connections{state="idle"}') >= 1
+
+
+async def _broker_duplicates_counted(pool: asyncpg.Pool, n: int) -> bool:
+    total = await pool.fetchval("SELECT coalesce(sum(broker_duplicates), 0) FROM topic_stats")
+    return bool(total == n)

@@ -236,39 +236,6 @@ async def test_full_stream_is_503_and_the_same_body_can_be_retried(
     assert result["stored"] == 40
 
 
-async def test_duplicates_the_store_cannot_count_are_503_and_counted_on_the_retry(
-    settings: ConsumerSettings, pool: asyncpg.Pool
-) -> None:
-    """When PostgreSQL does not record the broker's duplicates in time, POST /publish answers
-    503 saying the events are in the stream, never 500 or a 202 with the count missing; the
-    retry of the same body is counted once."""
-    body = {"topic": "busy", "event_id": "e1"}
-    async with api_client(settings, statement_timeout_ms=300, rate_limit_per_second=0) as c:
-        assert (await c.post("/publish", json=body)).json()["published"] == 1
-        async with pool.acquire() as holder, holder.transaction():
-            # SHARE blocks every write of topic_stats until this transaction ends.
-            await holder.execute("LOCK TABLE topic_stats IN SHARE MODE")
-            resp = await c.post("/publish", json=body)
-        assert resp.status_code == 503, resp.text
-        assert resp.headers["retry-after"] == "1"
-        detail = resp.json()["detail"]
-        assert "1 events are in the stream" in detail
-        assert "retry the same body" in detail
-        retry = await c.post("/publish", json=body)
-        assert retry.status_code == 202, retry.text
-        assert retry.json()["duplicates"] == 1
-        counted = re.search(
-            r'^oncelog_duplicates_total\{layer="broker"\} (\S+)$',
-            (await c.get("/metrics")).text,
-            re.MULTILINE,
-        )
-        assert counted is not None
-        assert float(counted[1]) == 1
-    result = await assert_invariants(pool)
-    assert result["broker_duplicates"] == 1
-    assert result["received"] == 1
-
-
 async def _all_counted(pool: asyncpg.Pool) -> bool:
     t = await totals(pool)
     return bool(t["received"] == t["stored"] + t["broker_duplicates"] + t["store_duplicates"])

@@ -1,4 +1,9 @@
-"""NATS connection and idempotent provisioning of the EVENTS stream and its durable consumer."""
+"""NATS connection and idempotent provisioning of oncelog's streams and durable consumers.
+
+EVENTS (with its durable "aggregator") carries the events. EVENTS_TALLY (durable
+"aggregator_tally") carries the HTTP gateway's counts of broker duplicates to PostgreSQL; the
+names follow STREAM and DURABLE.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +38,11 @@ __all__ = [
     "consumer_config",
     "ensure_consumer",
     "ensure_stream",
+    "ensure_tally",
     "stream_config",
+    "tally_consumer_config",
+    "tally_stream_config",
+    "tally_subject",
 ]
 
 _log = logging.getLogger("oncelog.broker")
@@ -137,6 +146,45 @@ def stream_config(settings: BrokerSettings) -> StreamConfig:
     )
 
 
+def tally_subject(settings: BrokerSettings) -> str:
+    """Return the subject of the gateway's duplicate counts: outside every event subject."""
+    return f"_ONCELOG.tally.{settings.stream}"
+
+
+def tally_stream_config(settings: BrokerSettings) -> StreamConfig:
+    """Return the stream of the gateway's duplicate counts, shaped like EVENTS.
+
+    A work queue: the API's applier acks a count once PostgreSQL has it. A count is about 100
+    bytes per request with duplicates, so a sixteenth of the events' limit outlasts them.
+    """
+    return StreamConfig(
+        name=f"{settings.stream}_TALLY",
+        subjects=[tally_subject(settings)],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.NEW,
+        max_bytes=max(settings.stream_max_bytes // 16, 1024**2),
+        max_msgs=-1,
+        max_age=0,
+        duplicate_window=settings.duplicate_window_seconds,
+        num_replicas=settings.stream_replicas,
+    )
+
+
+def tally_consumer_config(settings: BrokerSettings) -> ConsumerConfig:
+    """Return the durable the API's appliers share on the tally stream."""
+    return ConsumerConfig(
+        durable_name=f"{settings.durable}_tally",
+        name=f"{settings.durable}_tally",
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_seconds,
+        max_deliver=-1,
+        max_ack_pending=10_000,
+        max_waiting=512,
+    )
+
+
 def consumer_config(settings: BrokerSettings) -> ConsumerConfig:
     """Return the durable pull consumer's configuration; valid events are never given up on."""
     return ConsumerConfig(
@@ -174,15 +222,36 @@ def _consumer_matches(current: ConsumerConfig, wanted: ConsumerConfig) -> bool:
 
 
 async def ensure_stream(js: JetStreamContext, settings: BrokerSettings) -> StreamInfo:
-    """Create the stream, or bring an existing one to the configured limits.
+    """Create the EVENTS stream, or bring an existing one to the configured limits.
 
     A least-privileged service may not create or update streams: when the stream exists but
     the change is refused (the server drops the request, so it times out), the existing stream
     is used as it is and the difference is logged for the operator.
     """
-    config = stream_config(settings)
+    return await _ensure_stream(js, stream_config(settings))
+
+
+async def ensure_consumer(js: JetStreamContext, settings: BrokerSettings) -> ConsumerInfo:
+    """Create the durable consumer, or update it to the configured settings.
+
+    As with the stream, a service that may not change the durable uses it as provisioned.
+    """
+    return await _ensure_consumer(js, settings.stream, consumer_config(settings))
+
+
+async def ensure_tally(js: JetStreamContext, settings: BrokerSettings) -> ConsumerInfo:
+    """Create or update the tally stream and its durable, as ensure_stream and ensure_consumer."""
+    stream = tally_stream_config(settings)
+    await _ensure_stream(js, stream)
+    assert stream.name is not None
+    return await _ensure_consumer(js, stream.name, tally_consumer_config(settings))
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> StreamInfo:
+    name = config.name
+    assert name is not None
     try:
-        current: StreamInfo | None = await js.stream_info(settings.stream)
+        current: StreamInfo | None = await js.stream_info(name)
     except NotFoundError:
         current = None
     if current is not None and _stream_matches(current.config, config):
@@ -193,31 +262,30 @@ async def ensure_stream(js: JetStreamContext, settings: BrokerSettings) -> Strea
         except BadRequestError as exc:
             if exc.err_code != _STREAM_NAME_IN_USE:
                 raise
-        _log.info("updating stream %s to the configured limits", settings.stream)
+        _log.info("updating stream %s to the configured limits", name)
         return await js.update_stream(config)
     except nats.errors.TimeoutError:
         if current is None:
             raise
-        _log.warning("not allowed to update stream %s; using it as provisioned", settings.stream)
+        _log.warning("not allowed to update stream %s; using it as provisioned", name)
         return current
 
 
-async def ensure_consumer(js: JetStreamContext, settings: BrokerSettings) -> ConsumerInfo:
-    """Create the durable consumer, or update it to the configured settings.
-
-    As with the stream, a service that may not change the durable uses it as provisioned.
-    """
-    config = consumer_config(settings)
+async def _ensure_consumer(
+    js: JetStreamContext, stream: str, config: ConsumerConfig
+) -> ConsumerInfo:
+    durable = config.durable_name
+    assert durable is not None
     try:
-        current: ConsumerInfo | None = await js.consumer_info(settings.stream, settings.durable)
+        current: ConsumerInfo | None = await js.consumer_info(stream, durable)
     except NotFoundError:
         current = None
     if current is not None and _consumer_matches(current.config, config):
         return current
     try:
-        return await js.add_consumer(settings.stream, config)
+        return await js.add_consumer(stream, config)
     except nats.errors.TimeoutError:
         if current is None:
             raise
-        _log.warning("not allowed to update consumer %s; using it as provisioned", settings.durable)
+        _log.warning("not allowed to update consumer %s; using it as provisioned", durable)
         return current

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 import msgspec
 
@@ -24,6 +25,8 @@ __all__ = [
     "STATS_SHARDS",
     "Counts",
     "add_broker_duplicates",
+    "apply_tallies",
+    "forget_tallies",
     "invariant_violations",
     "per_topic",
     "shard_for",
@@ -57,6 +60,58 @@ async def add_broker_duplicates(conn: Conn, counts: Mapping[str, int], shard: in
     topics = sorted(t for t, n in counts.items() if n)
     if topics:
         await conn.execute(_ADD_BROKER_DUPLICATES, shard, topics, [counts[t] for t in topics])
+
+
+# Each tally's id is recorded once; only the counts of tallies new here are added, so a
+# redelivered tally adds nothing. One statement: the CTE's insert is what the sum joins.
+_APPLY_TALLIES = """
+WITH fresh AS (
+    INSERT INTO tally_applied (id, stream_seq)
+    SELECT id, seq FROM unnest($2::uuid[], $3::bigint[]) AS t(id, seq)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+)
+INSERT INTO topic_stats AS s (topic, shard, received, broker_duplicates)
+SELECT c.topic, $1, sum(c.n), sum(c.n)
+FROM unnest($4::uuid[], $5::text[], $6::bigint[]) AS c(id, topic, n)
+JOIN fresh USING (id)
+GROUP BY c.topic
+ORDER BY c.topic
+ON CONFLICT (topic, shard) DO UPDATE SET
+    received = s.received + excluded.received,
+    broker_duplicates = s.broker_duplicates + excluded.broker_duplicates
+"""
+
+
+async def apply_tallies(
+    conn: Conn, tallies: Sequence[tuple[UUID, int, Mapping[str, int]]], shard: int
+) -> None:
+    """Add each (id, stream sequence, counts per topic) tally once, however often it comes.
+
+    Call it in the transaction whose commit comes before the tallies are acked. Of tallies
+    that share an id, the first is the one.
+    """
+    unique = list({t[0]: t for t in reversed(tallies)}.values())
+    ids, seqs = [t[0] for t in unique], [t[1] for t in unique]
+    rows = [(i, topic, n) for i, _, counts in unique for topic, n in counts.items() if n]
+    await conn.execute(
+        _APPLY_TALLIES,
+        shard,
+        ids,
+        seqs,
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        [r[2] for r in rows],
+    )
+
+
+async def forget_tallies(conn: Conn, below_seq: int) -> int:
+    """Forget the ids of tallies below the stream's first sequence; return how many went.
+
+    The stream holds no message below its first sequence, so none of them can come again.
+    """
+    status = await conn.execute("DELETE FROM tally_applied WHERE stream_seq < $1", below_seq)
+    return int(status.rsplit(" ", 1)[-1])
 
 
 PER_TOPIC_SQL = """

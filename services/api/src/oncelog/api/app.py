@@ -17,6 +17,7 @@ from oncelog.api.openapi import COMPONENTS, add_components
 from oncelog.api.protect import send_rate_limit_headers
 from oncelog.api.settings import ApiSettings
 from oncelog.api.state import AppState, app_state
+from oncelog.api.tally import TallyApplier
 from oncelog.platform import broker, db
 
 __all__ = ["create_app"]
@@ -25,21 +26,53 @@ _log = logging.getLogger("oncelog.api")
 
 
 async def _connect_nats(state: AppState, settings: ApiSettings) -> None:
-    """Connect to NATS, retrying until it answers: the API serves reads while it is away."""
+    """Connect to NATS, retrying until it answers, then apply tallies until the app stops.
+
+    The API serves reads while NATS is away.
+    """
     delay = 0.5
     while True:
+        nc = None
         try:
             nc = await broker.connect(settings, "oncelog-api", connect_timeout=2)
             js = nc.jetstream()
             await broker.ensure_stream(js, settings)
+            await broker.ensure_tally(js, settings)
         except Exception as exc:
-            _log.warning("nats not reachable yet: %r", exc)
+            _log.warning("nats not reachable yet, or its streams not provisioned: %r", exc)
+            if nc is not None:
+                with contextlib.suppress(Exception):
+                    await nc.close()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10)
             continue
         state.nc = nc
         state.js = js
-        return
+        break
+    await _apply_tallies(TallyApplier(js, settings, state.connection, state.shard))
+
+
+async def _apply_tallies(applier: TallyApplier) -> None:
+    """Run the tally applier for as long as the app runs; a failure only restarts it."""
+    while True:
+        try:
+            await applier.run()
+        except Exception as exc:
+            _log.warning("the tally applier stopped: %r; starting it again", exc)
+            await asyncio.sleep(1.0)
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel `task` until it ends.
+
+    Python 3.11's asyncio.wait_for (inside nats-py's fetch) loses a cancellation that lands as
+    its inner wait completes, and the applier would then run on; so the cancel is repeated.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        task.result()
 
 
 @contextlib.asynccontextmanager
@@ -63,9 +96,7 @@ async def _lifespan(app: Litestar) -> AsyncIterator[None]:
     finally:
         state.closing.set()
         await state.follower.stop()
-        connecting.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await connecting
+        await _stop(connecting)
         if state.nc is not None:
             with contextlib.suppress(Exception):
                 await state.nc.drain()

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-import asyncpg
 from litestar import Request, post
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.params import PathParameter
@@ -22,12 +21,13 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
 from oncelog.api import queries
-from oncelog.api.errors import StoreUnreachableError, Unavailable, whole_number
+from oncelog.api.errors import Unavailable, whole_number
 from oncelog.api.ingest import BodyError, prepare, prepare_one
 from oncelog.api.openapi import INT64_MAX, PublishOperation, ReplayOperation, errors
 from oncelog.api.protect import guard_publish
 from oncelog.api.schemas import PublishResult, ReplayResult
 from oncelog.api.state import AppState
+from oncelog.api.tally import publish_tally
 from oncelog.events import (
     MAX_EVENT_BYTES,
     Decoded,
@@ -128,7 +128,7 @@ async def _publish_all(
     metrics = state.metrics
     metrics.published.inc(len(acks))
     if dups:
-        await _count_broker_duplicates(state, dups, len(acks))
+        await _count_broker_duplicates(state, js, dups, len(acks))
     if failed:
         metrics.publish_failures.inc(failed)
         raise Unavailable(
@@ -138,21 +138,31 @@ async def _publish_all(
     return acks
 
 
-async def _count_broker_duplicates(state: AppState, dups: Counter[str], acked: int) -> None:
-    """Add what the broker dropped to topic_stats, or answer 503 so that the client retries.
+async def _count_broker_duplicates(
+    state: AppState, js: JetStreamContext, dups: Counter[str], acked: int
+) -> None:
+    """Journal what the broker dropped in the tally stream, or answer 503 so the client retries.
 
     The events are in the stream either way. A retry of the same body is dropped by the broker
     again and counted then, so the statistics count each answered request once; a 202 with
-    uncounted duplicates, or a 500, would leave them uncounted and the client unsure.
+    unjournalled duplicates, or a 500, would leave them uncounted and the client unsure. The
+    API's applier adds journalled counts to topic_stats (see oncelog.api.tally).
     """
     dropped = sum(dups.values())
+    settings = state.settings
     try:
-        await state.duplicates.add(dups)
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, StoreUnreachableError) as exc:
-        _log.warning("could not count broker duplicates: %r", exc)
+        await publish_tally(
+            js,
+            settings,
+            dups,
+            deadline=time.monotonic() + settings.publish_timeout_seconds,
+            fast_wire=settings.oncelog_fast_wire,
+        )
+    except (PublishError, OSError) as exc:
+        _log.warning("could not journal broker duplicates: %r", exc)
         raise Unavailable(
-            detail=f"the {acked} events are in the stream, but PostgreSQL did not record the "
-            f"{dropped} the broker dropped as duplicates ({type(exc).__name__}); "
+            detail=f"the {acked} events are in the stream, but the broker did not record the "
+            f"{dropped} it dropped as duplicates ({type(exc).__name__}); "
             "retry the same body (duplicates are dropped, and counted then)",
         ) from exc
     state.metrics.duplicates.labels("broker").inc(dropped)

@@ -21,7 +21,6 @@ from oncelog.api.metrics import ApiMetrics
 from oncelog.api.protect import Protection
 from oncelog.api.settings import ApiSettings
 from oncelog.api.tail import Follower, TailMetrics
-from oncelog.api.tally import DuplicateTally
 from oncelog.store.stats import shard_for
 
 if TYPE_CHECKING:
@@ -42,10 +41,8 @@ class AppState(State):
     protection: Protection
     # When the app was built (time.monotonic()), for /stats' uptime.
     started: float
-    # This process's stats shard for the broker duplicates it records.
+    # This process's stats shard for the broker duplicates its tally applier adds.
     shard: int
-    # Adds the broker duplicates of concurrent requests to that shard together.
-    duplicates: DuplicateTally
     # Opened by the lifespan before the first request is served.
     pool: asyncpg.Pool
     # None until NATS first answers: the API serves reads while the broker is away.
@@ -68,7 +65,7 @@ class AppState(State):
         """Return the state of a new app for `settings`; the lifespan adds the pool and NATS."""
         # A registry per app, never the global one, so two apps in a process never clash.
         metrics = ApiMetrics(CollectorRegistry())
-        state = cls(
+        return cls(
             {
                 "settings": settings,
                 "metrics": metrics,
@@ -81,8 +78,6 @@ class AppState(State):
                 "js": None,
             }
         )
-        state.duplicates = DuplicateTally(state.connection, state.shard)
-        return state
 
     @contextlib.asynccontextmanager
     async def connection(

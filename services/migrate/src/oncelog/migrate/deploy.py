@@ -94,9 +94,10 @@ async def run(settings: CommonSettings, logins: Sequence[Login], provision: bool
             js = nc.jetstream()
             await broker.ensure_stream(js, settings)
             await broker.ensure_consumer(js, settings)
+            await broker.ensure_tally(js, settings)
         finally:
             await nc.close()
-        _log.info("stream and durable provisioned", extra={"stream": settings.stream})
+        _log.info("streams and durables provisioned", extra={"stream": settings.stream})
     return applied
 
 
