@@ -105,12 +105,19 @@ async def apply_tallies(
     )
 
 
-async def forget_tallies(conn: Conn, below_seq: int) -> int:
+async def forget_tallies(conn: Conn, below_seq: int, older_than_seconds: float = 0.0) -> int:
     """Forget the ids of tallies below the stream's first sequence; return how many went.
 
-    The stream holds no message below its first sequence, so none of them can come again.
+    The stream holds no message below its first sequence, so none of them can come again;
+    only a copy already delivered before its ack could still be on its way to a statement,
+    which `older_than_seconds` (since the id was applied) leaves time for.
     """
-    status = await conn.execute("DELETE FROM tally_applied WHERE stream_seq < $1", below_seq)
+    status = await conn.execute(
+        "DELETE FROM tally_applied WHERE stream_seq < $1"
+        " AND applied_at < now() - make_interval(secs => $2)",
+        below_seq,
+        older_than_seconds,
+    )
     return int(status.rsplit(" ", 1)[-1])
 
 

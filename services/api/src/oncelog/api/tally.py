@@ -101,6 +101,9 @@ class TallyApplier:
     wait_seconds = 0.05
     # How often the ids of tallies the stream no longer holds are forgotten.
     forget_every_seconds = 30.0
+    # ... once applied this long ago: time for a copy delivered before its ack to be applied
+    # (and found) first, however slow PostgreSQL was meanwhile.
+    forget_after_seconds = 600.0
 
     def __init__(
         self,
@@ -191,4 +194,4 @@ class TallyApplier:
             _log.info("could not read the tally stream's first sequence: %r", exc)
             return
         async with self._connection() as conn:
-            await forget_tallies(conn, int(info.state.first_seq))
+            await forget_tallies(conn, int(info.state.first_seq), self.forget_after_seconds)
