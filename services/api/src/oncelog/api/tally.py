@@ -113,7 +113,6 @@ class TallyApplier:
         shard: int,
     ) -> None:
         self._js = js
-        self._settings = settings
         self._connection = connection
         self._shard = shard
         self._stream = broker.tally_stream_config(settings).name or ""
